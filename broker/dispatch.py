@@ -1,0 +1,134 @@
+"""The broker's core: store a message for a local party, or send it on by the route table.
+
+Both front ends (HTTP and gRPC) call into one Dispatcher, so routing, limits, refusals and the
+flow log behave the same whichever protocol a message arrived on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+from . import codes
+from .config import BrokerConfig
+from .envelope import Envelope
+from .flowlog import flow
+from .forward import Forwarder
+from .queues import Message, QueueKey, QueueStore
+from .routes import DEFAULT_PARTY, RouteTableFile
+
+log = logging.getLogger("broker.dispatch")
+
+
+class Dispatcher:
+    """Routing, queues and counters of one broker."""
+
+    def __init__(self, cfg: BrokerConfig, routes: RouteTableFile) -> None:
+        self.cfg = cfg
+        self.routes = routes
+        self.queues = QueueStore(cfg.queue_max_total_bytes, cfg.queue_max_session_bytes)
+        self.forwarder = Forwarder(
+            retry_timeout_s=cfg.forward_retry_timeout_ms / 1000,
+            max_message=cfg.grpc_client_max_message_size,
+            window=cfg.grpc_client_flow_control_window,
+        )
+        self.counters: Counter[str] = Counter()
+
+    @property
+    def self_parties(self) -> frozenset[str]:
+        return self.routes.table.self_parties
+
+    def default_node(self) -> str:
+        """The local party, when the broker serves exactly one (fills a missing header)."""
+        parties = self.self_parties
+        return next(iter(parties)) if len(parties) == 1 else ""
+
+    def _count(self, code: str, peer: str, direction: str, size: int) -> None:
+        if code == codes.OK:
+            self.counters[f"messages_{direction}|{peer}"] += 1
+            self.counters[f"bytes_{direction}|{peer}"] += size
+        else:
+            self.counters[f"errors|{code}"] += 1
+
+    async def deliver(
+        self, env: Envelope, payload: bytes, *, protocol: str, peer_addr: str, from_network: bool
+    ) -> tuple[str, str]:
+        """Store or forward one message; return (code, message) for the sender."""
+        started = time.monotonic()
+        size = len(payload)
+        table = self.routes.table
+        code, reason = self._refusal(env, size, from_network)
+        if code is not None:
+            flow(protocol, "REFUSED", session=env.session, topic=env.topic, des=env.target_node,
+                 code=code, started=started, address=peer_addr, size=size, msg=reason)
+            self._count(code, env.source_node, "in", size)
+            return code, reason
+
+        if table.is_self(env.target_node):
+            key = QueueKey(env.session, env.target_node, env.topic)
+            code, depth = self.queues.push(key, Message(payload, env.headers()))
+            flow(protocol, "MSG_DOWNLOAD", session=env.session, topic=env.topic,
+                 des=env.target_node, code=code, started=started, address=peer_addr, size=size,
+                 msg=f"offset-in-queue:{depth}")
+            self._count(code, env.source_node, "in", size)
+            return code, codes.DESCRIPTIONS.get(code, "")
+
+        hops = table.lookup(env.target_node)
+        if not hops:
+            reason = (
+                f"no route to party {env.target_node!r}: add it to {table.source} "
+                f"(or a '{DEFAULT_PARTY}' route)"
+            )
+            flow(protocol, "MSG_REDIRECT", session=env.session, topic=env.topic,
+                 des=env.target_node, code=codes.ROUTE_NOT_FOUND, started=started, size=size,
+                 msg=reason)
+            self._count(codes.ROUTE_NOT_FOUND, env.target_node, "out", size)
+            return codes.ROUTE_NOT_FOUND, reason
+        code, message, used = await self.forwarder.send(hops, env.next_hop(), payload)
+        flow(protocol, "MSG_REDIRECT", session=env.session, topic=env.topic, des=env.target_node,
+             code=code, started=started, address=used.target if used else hops[0].target,
+             size=size, msg=message or codes.DESCRIPTIONS.get(code, ""))
+        self._count(code, env.target_node, "out", size)
+        return code, message
+
+    def _refusal(self, env: Envelope, size: int, from_network: bool) -> tuple[str | None, str]:
+        if size > self.cfg.message_max_size:
+            return codes.TOO_LARGE, (
+                f"message of {size} bytes is over message.max.size ({self.cfg.message_max_size})"
+            )
+        if env.hops > self.cfg.relay_max_hops:
+            return codes.HOP_LIMIT, f"message passed {env.hops} brokers; check for a route loop"
+        table = self.routes.table
+        if from_network and not (
+            table.knows(env.source_node) or DEFAULT_PARTY in table.routes
+        ):
+            return codes.UNAUTHORIZED, f"source node {env.source_node!r} is not in the route table"
+        return None, ""
+
+    async def pop(self, key: QueueKey, timeout_s: float, *, protocol: str) -> Message | None:
+        started = time.monotonic()
+        message = await self.queues.pop(key, timeout_s)
+        if message is not None:
+            flow(protocol, "DEFAULT_CONSUME", session=key.session, topic=key.topic, des=key.node,
+                 code=codes.OK, started=started, size=len(message.payload))
+        return message
+
+    def reload_routes(self) -> None:
+        """Pick up an edited route table; a broken edit keeps the table in use."""
+        outcome, detail = self.routes.reload_if_changed()
+        if outcome == "reloaded":
+            table = self.routes.table
+            log.info(
+                "route table reloaded from %s: %d parties routed, self %s",
+                table.source, len(table.routes), sorted(table.self_parties),
+            )
+            for warning in table.warnings:
+                log.warning("route table: %s", warning)
+        elif outcome == "rejected":
+            log.error("route table edit rejected, keeping the previous table: %s", detail)
+
+    def expire_queues(self) -> None:
+        for key in self.queues.expire(self.cfg.queue_max_free_time_ms / 1000):
+            flow("-", "QUEUE_EXPIRED", session=key.session, topic=key.topic, des=key.node,
+                 code=codes.OK)

@@ -1,0 +1,178 @@
+"""Sending messages on to the next broker: OSX gRPC ``invoke`` or HTTP ``.../invoke``.
+
+Clients are made once per route and kept (connections are reused). A next hop that cannot be
+reached is retried, trying every route listed for the party, until ``forward.retry.timeout``
+has passed; only then is the sender told that the peer is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+
+import aiohttp
+import grpc
+
+from . import codes
+from .envelope import Envelope
+from .proto import http_ptp_pb2, ptp_pb2, ptp_pb2_grpc
+from .routes import Route
+
+log = logging.getLogger("broker.forward")
+
+
+class _Unreachable(Exception):
+    """The next hop did not answer at all (connection refused, reset, timeout)."""
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+class _GrpcHop:
+    def __init__(self, route: Route, max_message: int, window: int) -> None:
+        options = [
+            ("grpc.max_send_message_length", max_message),
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.http2.lookahead_bytes", window),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        target = f"{route.ip}:{route.port}"
+        if route.use_ssl:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read(route.ca_file),
+                private_key=_read(route.private_key_file),
+                certificate_chain=_read(route.cert_chain_file),
+            )
+            self.channel = grpc.aio.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.stub = ptp_pb2_grpc.PrivateTransferProtocolStub(self.channel)
+
+    async def send(self, env: Envelope, payload: bytes, timeout: float) -> tuple[str, str]:
+        headers = env.headers()
+        try:
+            reply = await self.stub.invoke(
+                ptp_pb2.Inbound(metadata=headers, payload=payload),
+                metadata=tuple(headers.items()),
+                timeout=timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise _Unreachable(exc.details() or exc.code().name) from None
+            return codes.INTERNAL, f"gRPC {exc.code().name}: {exc.details()}"
+        return reply.code or codes.OK, reply.message
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class _HttpHop:
+    def __init__(self, route: Route) -> None:
+        self.url = route.url or ""
+        ssl_ctx: ssl.SSLContext | bool = False
+        if route.use_ssl:
+            ssl_ctx = ssl.create_default_context(cafile=route.ca_file)
+            if route.cert_chain_file:
+                ssl_ctx.load_cert_chain(route.cert_chain_file, route.private_key_file)
+        self._ssl = ssl_ctx
+        self._session: aiohttp.ClientSession | None = None
+
+    async def send(self, env: Envelope, payload: bytes, timeout: float) -> tuple[str, str]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
+                skip_auto_headers=("User-Agent",),
+            )
+        try:
+            async with self._session.post(
+                self.url,
+                data=payload,
+                headers=env.headers(),
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            raise _Unreachable(str(exc) or type(exc).__name__) from None
+        if status != 200:
+            return codes.INTERNAL, f"HTTP {status} from {self.url}"
+        reply = http_ptp_pb2.TransportOutbound()
+        try:
+            reply.ParseFromString(body)
+        except Exception:  # noqa: BLE001 - any decode failure means a foreign answer
+            return codes.INTERNAL, f"unreadable answer from {self.url}"
+        return reply.code or codes.OK, reply.message
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class Forwarder:
+    """Delivers messages to next-hop brokers, one reusable client per route."""
+
+    def __init__(
+        self,
+        retry_timeout_s: float,
+        call_timeout_s: float = 600.0,
+        max_message: int = 2**31 - 1,
+        window: int = 134217728,
+    ) -> None:
+        self.retry_timeout_s = retry_timeout_s
+        self.call_timeout_s = call_timeout_s
+        self._max_message = max_message
+        self._window = window
+        self._hops: dict[Route, _GrpcHop | _HttpHop] = {}
+
+    def _hop(self, route: Route) -> _GrpcHop | _HttpHop:
+        hop = self._hops.get(route)
+        if hop is None:
+            if route.protocol == "http":
+                hop = _HttpHop(route)
+            else:
+                hop = _GrpcHop(route, self._max_message, self._window)
+            self._hops[route] = hop
+        return hop
+
+    async def send(
+        self, routes: tuple[Route, ...], env: Envelope, payload: bytes
+    ) -> tuple[str, str, Route | None]:
+        """Send to the first route that answers; return (code, message, route used)."""
+        deadline = time.monotonic() + self.retry_timeout_s
+        delay = 0.1
+        last_error = ""
+        while True:
+            for route in routes:
+                try:
+                    code, message = await self._hop(route).send(
+                        env, payload, self.call_timeout_s
+                    )
+                    return code, message, route
+                except _Unreachable as exc:
+                    last_error = f"{route.target}: {exc}"
+                except OSError as exc:  # e.g. a TLS file that went missing
+                    return codes.INTERNAL, f"{route.target}: {exc}", route
+            if time.monotonic() + delay > deadline:
+                return (
+                    codes.PEER_UNREACHABLE,
+                    f"no answer from the broker of {env.target_node} ({last_error})",
+                    None,
+                )
+            log.warning("next hop for %s unreachable, retrying: %s", env.target_node, last_error)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def prune(self, keep: set[Route]) -> None:
+        """Close clients of routes that are no longer in the table."""
+        for route in [r for r in self._hops if r not in keep]:
+            await self._hops.pop(route).close()
+
+    async def close(self) -> None:
+        await self.prune(set())

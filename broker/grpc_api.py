@@ -1,0 +1,146 @@
+"""PTP over gRPC: OSX's ``PrivateTransferProtocol`` and ``PrivateTransferTransport``.
+
+PTP headers travel as call metadata (``x-ptp-session-id``, ``x-ptp-topic``, ...); entries of
+the message's own ``metadata`` map fill in any the call metadata lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+
+import grpc
+
+from . import codes
+from .dispatch import Dispatcher
+from .envelope import TOPIC, Envelope, EnvelopeError, check_name
+from .flowlog import flow
+from .proto import ptp_pb2, ptp_pb2_grpc
+from .queues import QueueKey
+
+log = logging.getLogger("broker.grpc")
+
+
+def _headers(context: grpc.aio.ServicerContext, extra: Mapping[str, str] = {}) -> dict[str, str]:
+    merged = {k.lower(): v for k, v in extra.items()}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            merged[key.lower()] = value
+    return merged
+
+
+class _Protocol(ptp_pb2_grpc.PrivateTransferProtocolServicer):
+    def __init__(self, d: Dispatcher, protocol: str) -> None:
+        self.d = d
+        self.protocol = protocol
+
+    async def _one(self, request: ptp_pb2.Inbound, headers: dict[str, str], peer: str):
+        try:
+            env = Envelope.from_headers(headers)
+        except EnvelopeError as exc:
+            return ptp_pb2.Outbound(code=codes.BAD_REQUEST, message=str(exc))
+        code, message = await self.d.deliver(
+            env, request.payload, protocol=self.protocol, peer_addr=peer, from_network=True
+        )
+        return ptp_pb2.Outbound(code=code, message=message)
+
+    async def invoke(self, request, context):  # noqa: D401 - gRPC signature
+        return await self._one(request, _headers(context, request.metadata), context.peer())
+
+    async def transport(self, request_iterator, context) -> AsyncIterator[ptp_pb2.Outbound]:
+        call_headers = _headers(context)
+        async for request in request_iterator:
+            headers = {**{k.lower(): v for k, v in request.metadata.items()}, **call_headers}
+            yield await self._one(request, headers, context.peer())
+
+
+class _Transport(ptp_pb2_grpc.PrivateTransferTransportServicer):
+    def __init__(self, d: Dispatcher, protocol: str) -> None:
+        self.d = d
+        self.protocol = protocol
+
+    def _key(self, topic: str, context) -> QueueKey:
+        headers = _headers(context)
+        if topic:
+            headers[TOPIC] = topic
+        env = Envelope.from_headers(headers, need_target=False, default_node=self.d.default_node())
+        return QueueKey(env.session, env.source_node, env.topic)
+
+    async def push(self, request, context):
+        headers = _headers(context, request.metadata)
+        if request.topic:
+            headers[TOPIC] = request.topic
+        try:
+            env = Envelope.from_headers(headers)
+        except EnvelopeError as exc:
+            return ptp_pb2.TransportOutbound(code=codes.BAD_REQUEST, message=str(exc))
+        code, message = await self.d.deliver(
+            env, request.payload, protocol=self.protocol, peer_addr=context.peer(),
+            from_network=False,
+        )
+        return ptp_pb2.TransportOutbound(code=code, message=message)
+
+    async def pop(self, request, context):
+        try:
+            key = self._key(request.topic, context)
+        except EnvelopeError as exc:
+            return ptp_pb2.TransportOutbound(code=codes.BAD_REQUEST, message=str(exc))
+        timeout = request.timeout if request.timeout > 0 else (
+            self.d.cfg.consume_msg_waiting_timeout_ms / 1000
+        )
+        message = await self.d.pop(key, timeout, protocol=self.protocol)
+        if message is None:
+            return ptp_pb2.TransportOutbound(code=codes.NOT_FOUND, message="no message yet")
+        return ptp_pb2.TransportOutbound(
+            code=codes.OK, payload=message.payload, metadata=message.metadata
+        )
+
+    async def peek(self, request, context):
+        try:
+            key = self._key(request.topic, context)
+        except EnvelopeError as exc:
+            return ptp_pb2.TransportOutbound(code=codes.BAD_REQUEST, message=str(exc))
+        message = self.d.queues.peek(key)
+        flow(self.protocol, "PEEK", session=key.session, topic=key.topic, des=key.node,
+             code=codes.OK if message else codes.NOT_FOUND)
+        if message is None:
+            return ptp_pb2.TransportOutbound(code=codes.NOT_FOUND, message="no message yet")
+        return ptp_pb2.TransportOutbound(
+            code=codes.OK, payload=message.payload, metadata=message.metadata
+        )
+
+    async def release(self, request, context):
+        headers = _headers(context)
+        session = headers.get("x-ptp-session-id", "")
+        topic = request.topic or None
+        try:
+            check_name("x-ptp-session-id", session)
+            if topic is not None:
+                check_name("x-ptp-topic", topic)
+        except EnvelopeError as exc:
+            return ptp_pb2.TransportOutbound(code=codes.BAD_REQUEST, message=str(exc))
+        count = self.d.queues.release(session, topic=topic)
+        flow(self.protocol, "RELEASE", session=session, topic=topic or "*", code=codes.OK,
+             msg=f"released:{count}")
+        return ptp_pb2.TransportOutbound(code=codes.OK, message=f"released {count} queue(s)")
+
+
+def add_services(server: grpc.aio.Server, d: Dispatcher, protocol: str = "grpc") -> None:
+    ptp_pb2_grpc.add_PrivateTransferProtocolServicer_to_server(_Protocol(d, protocol), server)
+    ptp_pb2_grpc.add_PrivateTransferTransportServicer_to_server(_Transport(d, protocol), server)
+
+
+def server_options(d: Dispatcher) -> list[tuple[str, int]]:
+    cfg = d.cfg
+    return [
+        ("grpc.max_receive_message_length", cfg.grpc_server_max_message_size),
+        ("grpc.max_send_message_length", cfg.grpc_server_max_message_size),
+        ("grpc.max_metadata_size", cfg.grpc_server_max_metadata_size),
+        ("grpc.max_concurrent_streams", cfg.grpc_max_concurrent_calls),
+        ("grpc.http2.lookahead_bytes", cfg.grpc_server_flow_control_window),
+        ("grpc.keepalive_permit_without_calls", int(cfg.grpc_keepalive_without_calls)),
+        ("grpc.keepalive_time_ms", cfg.grpc_keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", cfg.grpc_keepalive_timeout_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+    ]

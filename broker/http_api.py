@@ -1,0 +1,140 @@
+"""PTP over HTTP/1.1: the queue API that SPU's yacl blackbox link speaks.
+
+Under ``http.context.path`` (default ``/v1``)::
+
+    POST /interconn/chan/push       store for / send to x-ptp-target-node-id
+    POST /interconn/chan/pop?timeout=N    long-poll the caller's queue (N seconds)
+    POST /interconn/chan/peek       look at the next message without consuming it
+    POST /interconn/chan/release    drop the session's queues (x-ptp-topic narrows it)
+    POST /interconn/chan/invoke     a message from another broker
+
+Every answer is HTTP 200 with a protobuf ``TransportOutbound {payload=1, code=2, message=3}``.
+Outside the context path: ``GET /health`` and ``GET /metrics`` (Prometheus text).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from . import codes
+from .dispatch import Dispatcher
+from .envelope import Envelope, EnvelopeError, check_name
+from .flowlog import flow
+from .metrics import render_metrics
+from .proto.http_ptp_pb2 import TransportOutbound
+from .queues import QueueKey
+
+log = logging.getLogger("broker.http")
+_CONTENT_TYPE = "application/x-protobuf"
+
+
+def _answer(code: str, message: str = "", payload: bytes = b"") -> web.Response:
+    body = TransportOutbound(payload=payload, code=code, message=message).SerializeToString()
+    return web.Response(body=body, content_type=_CONTENT_TYPE)
+
+
+def _peer(request: web.Request) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return f"{peer[0]}:{peer[1]}" if peer else ""
+
+
+class HttpApi:
+    """aiohttp handlers bound to one Dispatcher."""
+
+    def __init__(self, dispatcher: Dispatcher, protocol: str = "http") -> None:
+        self.d = dispatcher
+        self.protocol = protocol
+
+    def app(self) -> web.Application:
+        cfg = self.d.cfg
+        app = web.Application(client_max_size=cfg.message_max_size + 1024)
+        base = cfg.http_context_path + "/interconn/chan/"
+        app.router.add_post(base + "push", self.push)
+        app.router.add_post(base + "pop", self.pop)
+        app.router.add_post(base + "peek", self.peek)
+        app.router.add_post(base + "release", self.release)
+        app.router.add_post(base + "invoke", self.invoke)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def _deliver(self, request: web.Request, from_network: bool) -> web.Response:
+        try:
+            env = Envelope.from_headers(request.headers)
+        except EnvelopeError as exc:
+            return _answer(codes.BAD_REQUEST, str(exc))
+        payload = await request.read()
+        code, message = await self.d.deliver(
+            env, payload, protocol=self.protocol, peer_addr=_peer(request),
+            from_network=from_network,
+        )
+        return _answer(code, message)
+
+    async def push(self, request: web.Request) -> web.Response:
+        return await self._deliver(request, from_network=False)
+
+    async def invoke(self, request: web.Request) -> web.Response:
+        return await self._deliver(request, from_network=True)
+
+    def _queue_key(self, request: web.Request) -> QueueKey:
+        env = Envelope.from_headers(
+            request.headers, need_target=False, default_node=self.d.default_node()
+        )
+        return QueueKey(env.session, env.source_node, env.topic)
+
+    async def pop(self, request: web.Request) -> web.Response:
+        try:
+            key = self._queue_key(request)
+            timeout = self._timeout(request)
+        except (EnvelopeError, ValueError) as exc:
+            return _answer(codes.BAD_REQUEST, str(exc))
+        message = await self.d.pop(key, timeout, protocol=self.protocol)
+        if message is None:
+            return _answer(codes.NOT_FOUND, "no message yet")
+        return _answer(codes.OK, "", message.payload)
+
+    def _timeout(self, request: web.Request) -> float:
+        raw = request.query.get("timeout")
+        if raw is None or raw == "":
+            return self.d.cfg.consume_msg_waiting_timeout_ms / 1000
+        value = float(raw)
+        if value < 0:
+            raise ValueError("timeout must be >= 0 seconds")
+        return value
+
+    async def peek(self, request: web.Request) -> web.Response:
+        try:
+            key = self._queue_key(request)
+        except EnvelopeError as exc:
+            return _answer(codes.BAD_REQUEST, str(exc))
+        message = self.d.queues.peek(key)
+        flow(self.protocol, "PEEK", session=key.session, topic=key.topic, des=key.node,
+             code=codes.OK if message else codes.NOT_FOUND)
+        if message is None:
+            return _answer(codes.NOT_FOUND, "no message yet")
+        return _answer(codes.OK, "", message.payload)
+
+    async def release(self, request: web.Request) -> web.Response:
+        session = (request.headers.get("x-ptp-session-id") or "").strip()
+        topic = (request.headers.get("x-ptp-topic") or "").strip() or None
+        try:
+            check_name("x-ptp-session-id", session)
+            if topic is not None:
+                check_name("x-ptp-topic", topic)
+        except EnvelopeError as exc:
+            return _answer(codes.BAD_REQUEST, str(exc))
+        count = self.d.queues.release(session, topic=topic)
+        flow(self.protocol, "RELEASE", session=session, topic=topic or "*", code=codes.OK,
+             msg=f"released:{count}")
+        return _answer(codes.OK, f"released {count} queue(s)")
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "self_party": sorted(self.d.self_parties),
+             "queues": len(self.d.queues)}
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=render_metrics(self.d), content_type="text/plain")

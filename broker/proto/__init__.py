@@ -1,0 +1,1 @@
+"""Generated protobuf modules; sources are the .proto files beside them."""

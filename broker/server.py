@@ -1,0 +1,135 @@
+"""The broker process: listeners, background tasks and an orderly lifecycle.
+
+``Broker.start()`` binds every configured listener (port 0 picks a free port; the real bound
+addresses are in ``Broker.addresses``), ``serve()`` runs until ``stop()`` is called, and
+``stop()`` stops accepting, lets in-flight requests finish within a bounded wait, then closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+
+import grpc
+from aiohttp import web
+
+from . import tls
+from .config import BrokerConfig
+from .dispatch import Dispatcher
+from .errors import BrokerError
+from .grpc_api import add_services, server_options
+from .http_api import HttpApi
+from .routes import RouteTableFile
+
+log = logging.getLogger("broker.server")
+
+GRACE_S = 5.0
+
+
+class State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Broker:
+    """One psi-broker: HTTP/HTTPS and gRPC/gRPC-TLS front ends over one Dispatcher."""
+
+    def __init__(self, cfg: BrokerConfig) -> None:
+        self.cfg = cfg
+        self.routes = RouteTableFile(cfg.route_table_path)
+        self.dispatcher = Dispatcher(cfg, self.routes)
+        self.state = State.NEW
+        self.addresses: dict[str, str] = {}
+        self._runners: list[web.AppRunner] = []
+        self._grpc: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        host = cfg.bind_host
+        server = grpc.aio.server(options=server_options(self.dispatcher))
+        add_services(server, self.dispatcher)
+        port = _bind(server.add_insecure_port, host, cfg.grpc_port, "grpc.port")
+        self.addresses["grpc"] = f"{host}:{port}"
+        if cfg.open_grpc_tls_server:
+            creds = tls.grpc_server_credentials(cfg)
+            port = _bind(lambda a: server.add_secure_port(a, creds), host, cfg.grpc_tls_port,
+                         "grpc.tls.port")
+            self.addresses["grpcs"] = f"{host}:{port}"
+        await server.start()
+        self._grpc = server
+
+        if cfg.open_http_server:
+            self.addresses["http"] = await self._start_http(host, cfg.http_port or 0, None)
+        if cfg.open_https_server:
+            self.addresses["https"] = await self._start_http(
+                host, cfg.https_port or 0, tls.https_context(cfg)
+            )
+        self._tasks = [
+            asyncio.create_task(self._every(cfg.route_reload_interval_ms, self.dispatcher.reload_routes)),
+            asyncio.create_task(self._every(cfg.queue_check_interval_ms, self.dispatcher.expire_queues)),
+        ]
+        self.state = State.RUNNING
+        for name, addr in self.addresses.items():
+            log.info("listening: %s on %s", name, addr)
+
+    async def _start_http(self, host: str, port: int, ssl_ctx) -> str:
+        protocol = "https" if ssl_ctx else "http"
+        app = HttpApi(self.dispatcher, protocol).app()
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=GRACE_S)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024)
+        await site.start()
+        self._runners.append(runner)
+        sock = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
+        return f"{host}:{sock[1]}"
+
+    @staticmethod
+    async def _every(interval_ms: int, fn) -> None:
+        while True:
+            await asyncio.sleep(interval_ms / 1000)
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - a housekeeping failure must not stop the broker
+                log.exception("background task %s failed", getattr(fn, "__name__", fn))
+
+    async def serve(self) -> None:
+        """Run until stop() has finished."""
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight requests (bounded), release everything. Idempotent."""
+        if self.state in (State.STOPPING, State.STOPPED):
+            await self._stopped.wait()
+            return
+        self.state = State.STOPPING
+        log.info("stopping: no new requests, waiting up to %.0f s for in-flight ones", GRACE_S)
+        for task in self._tasks:
+            task.cancel()
+        self.dispatcher.queues.close()  # long-polling pops answer "no message" now
+        if self._grpc is not None:
+            await self._grpc.stop(GRACE_S)
+        for runner in self._runners:
+            await runner.cleanup()
+        await self.dispatcher.forwarder.close()
+        self.state = State.STOPPED
+        log.info("stopped")
+        self._stopped.set()
+
+
+def _bind(add_port, host: str, port: int | None, key: str) -> int:
+    try:
+        bound = add_port(f"{_bracket(host)}:{port or 0}")
+    except RuntimeError as exc:  # grpc reports a failed bind this way
+        raise BrokerError(f"{key}: cannot listen on {host}:{port} ({exc}); is it in use?") from None
+    if not bound:
+        raise BrokerError(f"{key}: cannot listen on {host}:{port}; is the port already in use?")
+    return bound
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

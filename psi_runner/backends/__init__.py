@@ -1,0 +1,1 @@
+"""PSI backends: each runs the identical call on both parties."""

@@ -1,0 +1,129 @@
+"""``psi-run SPEC --party NAME``: run one party's side of a PSI job.
+
+stdout carries only the JSON report; stderr carries one line per failure (never a traceback)
+and the path of the detailed log. The job runs in a child process so that even a crash of
+SPU's C++ code (SIGABRT, SIGSEGV) ends in a readable line rather than a core dump message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from .errors import PsiRunError
+
+EXIT_INTERRUPTED = 130
+EXIT_CRASH = 6
+EXIT_INTERNAL = 1
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="psi-run",
+        description="Run one party's side of a two-party PSI job described by a YAML spec.",
+    )
+    parser.add_argument("spec", help="job spec (YAML), the same file at both parties")
+    parser.add_argument("--party", required=True, help="which party of the spec this is")
+    parser.add_argument("--log-dir", default="logs",
+                        help="folder for the detailed log file (default: ./logs)")
+    return parser.parse_args(argv)
+
+
+def _log_path(args: argparse.Namespace) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe_party = "".join(c if c.isalnum() or c in "._-" else "_" for c in args.party)[:64]
+    stem = Path(args.spec).stem
+    return Path(args.log_dir).expanduser().resolve() / f"{stem}-{safe_party}-{stamp}-{os.getpid()}.log"
+
+
+def _say(fd: int, text: str) -> None:
+    os.write(fd, (text.rstrip("\n") + "\n").encode("utf-8", "replace"))
+
+
+def _child(args: argparse.Namespace, log_path: Path, out_fd: int, err_fd: int) -> int:
+    """Runs in the child: all output of SPU's C++ side goes to the log file."""
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True,
+    )
+    log = logging.getLogger("psi_runner.cli")
+    try:
+        from .job import run_job
+        from .spec import load_spec
+
+        spec = load_spec(args.spec)
+        for warning in spec.link.warnings():
+            _say(err_fd, f"psi-run: warning: {warning}")
+        report = run_job(spec, args.party, log_path)
+    except PsiRunError as exc:
+        log.error("%s", exc, exc_info=exc.__cause__ is not None)
+        _say(err_fd, f"psi-run: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _say(err_fd, "psi-run: interrupted; no result was written")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        log.exception("unexpected error")
+        _say(err_fd, f"psi-run: internal error ({type(exc).__name__}: {exc}); "
+                     f"details in {log_path}")
+        return EXIT_INTERNAL
+    _say(out_fd, json.dumps(report, ensure_ascii=False))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    log_path = _log_path(args)
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"psi-run: cannot create log folder {log_path.parent} ({exc.strerror}); "
+              "use --log-dir", file=sys.stderr)
+        return 3
+    sys.stdout.flush()
+    sys.stderr.flush()
+    print(f"psi-run: log file {log_path}", file=sys.stderr, flush=True)
+    out_fd, err_fd = os.dup(1), os.dup(2)
+    pid = os.fork()
+    if pid == 0:
+        code = EXIT_INTERNAL
+        try:
+            code = _child(args, log_path, out_fd, err_fd)
+        finally:
+            os._exit(code)
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status)).name
+        print(f"psi-run: the PSI engine crashed ({sig}); no result was written; the last lines "
+              f"of {log_path} say why", file=sys.stderr)
+        return EXIT_CRASH
+    return os.WEXITSTATUS(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Input inspection, the key encoding handed to SPU, and the result file.
+
+SPU's CSV handling has edge cases (quotes inside multi-column keys break its intermediate
+files; relative paths break its C++ side). psi-run therefore never passes key text it has not
+checked: every key is mapped to a *canonical key* made only of printable ASCII without quote,
+comma or ``~``, and the mapping is injective, so equal canonical keys mean equal original keys.
+
+* single key column: a value already in that alphabet stays as it is; any other value becomes
+  ``~`` + hex of its UTF-8 bytes (no plain value starts with ``~``);
+* several key columns: the hex of each value's UTF-8 bytes, joined with ``-``.
+
+Both parties derive the same canonical key from the same original values whatever else their
+files contain. When the file is "plain" (one key column, every key already canonical, no
+quotes, CR or BOM anywhere) it is handed to SPU unchanged, which costs nothing; otherwise a
+two-column file (canonical key, row number) is, and the result rows are taken from the input.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+
+from .errors import PreflightError
+
+log = logging.getLogger("psi_runner.data")
+
+KEY_COLUMN = "psi_key"
+ROW_COLUMN = "psi_row"
+_PLAIN_KEY = r"^[ !#-+\x2d-}]+$"  # printable ASCII except '"', ',' and '~'
+_HEX = np.array([list(f"{i:02x}".encode()) for i in range(256)], dtype=np.uint8)
+
+
+@dataclass
+class InputTable:
+    """A checked input file: all columns as text, in file order."""
+
+    path: Path
+    columns: list[str]
+    table: pa.Table
+    plain: bool  # the raw file can be given to SPU as it is
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
+
+
+def _line_of(data: bytes, pos: int) -> int:
+    return data.count(b"\n", 0, pos) + 1
+
+
+def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = False) -> InputTable:
+    """Read and check the input CSV; raise PreflightError with one readable sentence."""
+    where = f"input {path}"
+    if not path.exists():
+        raise PreflightError(f"{where}: file not found; check parties.<you>.input in the spec")
+    if path.is_dir():
+        raise PreflightError(f"{where}: is a folder; point input at a CSV file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PreflightError(f"{where}: cannot read ({exc.strerror}); check its permissions")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PreflightError(
+            f"{where}: not UTF-8 text (bad byte at line {_line_of(data, exc.start)}); "
+            "convert it, e.g. iconv -f GBK -t UTF-8"
+        ) from None
+    bom = data.startswith(b"\xef\xbb\xbf")
+    body = data[3:] if bom else data
+    if not body.strip():
+        raise PreflightError(f"{where}: the file is empty; it needs a header line and rows")
+
+    header_end = body.find(b"\n")
+    header_line = body[: header_end if header_end >= 0 else len(body)].decode("utf-8")
+    header = next(csv.reader([header_line.rstrip("\r")]), [])
+    if not header or all(not h.strip() for h in header):
+        raise PreflightError(f"{where}: header missing; the first line must name the columns")
+    dup_cols = sorted({h for h in header if header.count(h) > 1})
+    if dup_cols:
+        raise PreflightError(f"{where}: header names column {dup_cols[0]!r} twice; rename one")
+    missing = [k for k in keys if k not in header]
+    if missing:
+        shown = ", ".join(header[:20]) + (" ..." if len(header) > 20 else "")
+        raise PreflightError(
+            f"{where}: key column {missing[0]!r} not found; the columns are: {shown}"
+        )
+    blank = _first_blank_line(body)
+    if blank:
+        raise PreflightError(f"{where}: line {blank} is blank; remove blank lines")
+
+    try:
+        table = pcsv.read_csv(
+            io.BytesIO(body),
+            read_options=pcsv.ReadOptions(column_names=header, skip_rows=1,
+                                          block_size=16 << 20),
+            parse_options=pcsv.ParseOptions(newlines_in_values=True),
+            convert_options=pcsv.ConvertOptions(
+                column_types={h: pa.string() for h in header},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        detail = str(exc).split("\n")[0]
+        raise PreflightError(f"{where}: not a well-formed CSV file ({detail})") from None
+    if table.num_rows == 0:
+        raise PreflightError(f"{where}: has a header but no rows")
+
+    if not allow_duplicates:
+        _check_duplicates(table, keys, where)
+    plain = len(keys) == 1 and not bom and _plain_file(body) and _plain_keys(table[keys[0]])
+    return InputTable(path=path, columns=header, table=table, plain=plain)
+
+
+def _plain_file(body: bytes) -> bool:
+    """No quote, CR or NUL anywhere: every line is one row and commas only separate fields."""
+    return b'"' not in body and b"\r" not in body and b"\0" not in body
+
+
+def _plain_keys(column: pa.ChunkedArray) -> bool:
+    if pc.min(pc.binary_length(column)).as_py() == 0:
+        return False  # an empty key is encoded ("~"), so the raw file cannot be used
+    return bool(pc.all(pc.match_substring_regex(column, _PLAIN_KEY)).as_py())
+
+
+def _first_blank_line(body: bytes) -> int:
+    """1-based number of the first empty line (a final newline is not one), else 0."""
+    if body.startswith(b"\n") or body.startswith(b"\r\n"):
+        return 1
+    for needle in (b"\n\n", b"\n\r\n"):
+        pos = body.find(needle)
+        if pos >= 0 and pos + len(needle) < len(body):
+            return _line_of(body, pos) + 1
+    return 0
+
+
+def _check_duplicates(table: pa.Table, keys: tuple[str, ...], where: str) -> None:
+    if len(keys) == 1 and len(pc.unique(table[keys[0]].combine_chunks())) == table.num_rows:
+        return  # the common case, about twice as fast as grouping
+    grouped = table.select(list(keys)).group_by(list(keys)).aggregate([([], "count_all")])
+    if grouped.num_rows == table.num_rows:
+        return
+    dups = grouped.filter(pc.greater(grouped["count_all"], 1))
+    extra = table.num_rows - grouped.num_rows
+    example = ", ".join(f"{k}={dups[k][0].as_py()!r}" for k in keys)
+    raise PreflightError(
+        f"{where}: {extra} duplicate key row(s) in {dups.num_rows} key(s), e.g. {example}; "
+        "deduplicate the file or set allow_duplicate_keys: true in the spec"
+    )
+
+
+def _hex(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Hex of each value's UTF-8 bytes, vectorised (no Python loop over rows)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = arr.cast(pa.large_string())
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset: arr.offset + n + 1]
+    raw = arr.buffers()[2]
+    data = np.frombuffer(raw, dtype=np.uint8) if raw is not None else np.zeros(0, np.uint8)
+    start = int(offsets[0]) if n else 0
+    end = int(offsets[-1]) if n else 0
+    hexed = _HEX[data[start:end]].reshape(-1)
+    new_offsets = ((offsets - start) * 2).astype(np.int64)
+    return pa.LargeStringArray.from_buffers(
+        n, pa.py_buffer(new_offsets.tobytes()), pa.py_buffer(hexed.tobytes())
+    )
+
+
+def canonical_keys(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
+    """The canonical key of every row (see the module docstring)."""
+    if len(keys) == 1:
+        col = table[keys[0]].combine_chunks().cast(pa.large_string())
+        plain = pc.match_substring_regex(col, _PLAIN_KEY)
+        encoded = pc.binary_join_element_wise(pa.scalar("~", pa.large_string()), _hex(col), "")
+        return pc.if_else(plain, col, encoded)
+    parts = [_hex(table[k]) for k in keys]
+    return pc.binary_join_element_wise(*parts, pa.scalar("-", pa.large_string()))
+
+
+def write_spu_input(inp: InputTable, keys: tuple[str, ...], dest: Path) -> None:
+    """Write the (canonical key, row number) file that SPU reads instead of the input."""
+    t = pa.table({
+        KEY_COLUMN: canonical_keys(inp.table, keys),
+        ROW_COLUMN: pa.array(np.arange(inp.rows, dtype=np.int64)),
+    })
+    pcsv.write_csv(t, dest, pcsv.WriteOptions(quoting_style="none"))
+
+
+def read_result_rows(spu_output: Path) -> np.ndarray:
+    """Row numbers listed in SPU's output of a canonical-key run, in SPU's order."""
+    if not spu_output.exists() or spu_output.stat().st_size == 0:
+        return np.zeros(0, dtype=np.int64)
+    t = pcsv.read_csv(
+        spu_output,
+        convert_options=pcsv.ConvertOptions(
+            include_columns=[ROW_COLUMN], column_types={ROW_COLUMN: pa.int64()}
+        ),
+    )
+    return t[ROW_COLUMN].to_numpy()
+
+
+def write_result(inp: InputTable, rows: np.ndarray, dest: Path) -> int:
+    """Write the input rows at ``rows`` (in that order) with the input's header; return count."""
+    out = inp.table.take(pa.array(rows, type=pa.int64()))
+    pcsv.write_csv(out, dest, pcsv.WriteOptions(quoting_style="needed"))
+    return out.num_rows
+
+
+def count_csv_rows(path: Path) -> int:
+    """Data rows of a plain CSV written by SPU (header excluded)."""
+    if not path.exists():
+        return 0
+    with open(path, "rb") as fh:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+    return max(lines - 1, 0)
+
+
+def check_output_location(path: Path) -> None:
+    """Make sure the output folder exists (creating it) and is writable."""
+    folder = path.parent
+    where = f"output {path}"
+    if path.is_dir():
+        raise PreflightError(f"{where}: is a folder; name a file")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PreflightError(
+            f"{where}: cannot create folder {folder} ({exc.strerror}); choose another output path"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PreflightError(
+            f"{where}: folder {folder} is not writable; fix its permissions or move the output"
+        )

@@ -1,0 +1,30 @@
+"""The part of a spec that changes the computation, and its digest.
+
+Both parties must agree on these fields; purely local ones (a party's own input and output
+paths, its broker address) are left out, so each side may keep its files where it likes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .spec import JobSpec
+
+
+def shared_fields(spec: JobSpec) -> dict[str, object]:
+    return {
+        "job_id": spec.job_id,
+        "protocol": spec.protocol,
+        "keys": list(spec.keys),
+        "receiver": spec.receiver,
+        "broadcast_result": spec.broadcast_result,
+        "ecdh_curve": spec.ecdh_curve if spec.protocol == "ECDH" else None,
+        "parties": spec.party_names,
+        "link": spec.link.as_dict(),
+    }
+
+
+def spec_digest(spec: JobSpec) -> str:
+    text = json.dumps(shared_fields(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

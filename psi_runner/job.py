@@ -1,0 +1,100 @@
+"""One party's run of a job: preflight, PSI through the broker, result file, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__, broker_client, data
+from .backends import embedded
+from .digest import spec_digest
+from .errors import PreflightError
+from .link import blackbox_environment
+from .spec import JobSpec
+
+log = logging.getLogger("psi_runner.job")
+
+
+def preflight(spec: JobSpec, party: str) -> data.InputTable:
+    """Local checks, before any network activity."""
+    if party not in spec.parties:
+        raise PreflightError(
+            f"--party {party!r} is not in the spec; the parties are {', '.join(spec.parties)}"
+        )
+    me = spec.parties[party]
+    inp = data.inspect_input(me.input, spec.keys)
+    data.check_output_location(me.output)
+    return inp
+
+
+def session_id(spec: JobSpec) -> str:
+    return f"{spec.job_id}.{spec_digest(spec)[:16]}"
+
+
+def run_job(spec: JobSpec, party: str, log_path: Path) -> dict:
+    """Run this party's side of the job; return the report (raises PsiRunError)."""
+    stages: dict[str, float] = {}
+    started = time.monotonic()
+    log.info("job %s party %s: psi-run %s, spec %s", spec.job_id, party, __version__, spec.path)
+    for warning in spec.link.warnings():
+        log.warning("job %s party %s: %s", spec.job_id, party, warning)
+
+    t = time.monotonic()
+    inp = preflight(spec, party)
+    me = spec.parties[party]
+    broker_client.check_broker(me.broker, party)
+    stages["preflight_s"] = time.monotonic() - t
+    log.info("job %s party %s: input has %d rows, plain=%s", spec.job_id, party, inp.rows,
+             inp.plain)
+
+    work = Path(tempfile.mkdtemp(prefix=f".psi-run-{party}-", dir=me.output.parent))
+    session = session_id(spec)
+    try:
+        t = time.monotonic()
+        if inp.plain:
+            call = embedded.PsiCall(me.input, work / "spu_output.csv", spec.keys)
+        else:
+            data.write_spu_input(inp, spec.keys, work / "spu_input.csv")
+            call = embedded.PsiCall(
+                work / "spu_input.csv", work / "spu_output.csv", (data.KEY_COLUMN,)
+            )
+        stages["prepare_s"] = time.monotonic() - t
+
+        env = blackbox_environment(me.broker, spec.party_names, session, trace_id=session)
+        embedded.run(spec, party, call, env, session, stages)
+
+        t = time.monotonic()
+        receives = party == spec.receiver or spec.broadcast_result
+        count = None
+        if receives:
+            final_tmp = work / "result.csv"
+            if inp.plain:
+                os.replace(call.output_path, final_tmp)
+                count = data.count_csv_rows(final_tmp)
+            else:
+                rows = data.read_result_rows(call.output_path)
+                count = data.write_result(inp, rows, final_tmp)
+            os.replace(final_tmp, me.output)  # same folder: the result appears whole or not at all
+        stages["output_s"] = time.monotonic() - t
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        broker_client.release_session(me.broker, session, party)
+
+    stages["total_s"] = time.monotonic() - started
+    return {
+        "job_id": spec.job_id,
+        "party": party,
+        "peer": spec.peer_of(party),
+        "protocol": spec.protocol,
+        "keys": list(spec.keys),
+        "receiver": spec.receiver,
+        "original_count": inp.rows,
+        "intersection_count": count,
+        "output": str(me.output) if count is not None else None,
+        "log": str(log_path),
+        "seconds": {k: round(v, 3) for k, v in stages.items()},
+    }

@@ -1,0 +1,136 @@
+"""SPU link settings and the blackbox link through the party's own broker.
+
+The defaults are tuned for real networks (the seed's post-mortem: retries and timeouts that
+are too small kill jobs). A spec may override any of SPU's link keys under ``link:``; values
+are checked here so a typo fails before any network activity.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+LINK_DEFAULTS: dict[str, Any] = {
+    "connect_retry_times": 60,
+    "connect_retry_interval_ms": 1000,
+    "recv_timeout_ms": 1_200_000,
+    "http_timeout_ms": 1_200_000,
+    "http_max_payload_size": 1024 * 1024,
+    "throttle_window_size": 10,
+    "brpc_channel_protocol": "http",
+    "brpc_channel_connection_type": "pooled",
+}
+
+# The broker speaks HTTP/1.1; yacl's blackbox link refuses anything but http/h2.
+_PROTOCOLS = ("http",)
+_CONNECTION_TYPES = ("pooled", "short", "single")
+_MIN_RETRY_WINDOW_MS = 60_000
+_MIN_RECV_TIMEOUT_MS = 600_000
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """SPU link options (the keys SPU's ``link_desc`` accepts)."""
+
+    connect_retry_times: int = LINK_DEFAULTS["connect_retry_times"]
+    connect_retry_interval_ms: int = LINK_DEFAULTS["connect_retry_interval_ms"]
+    recv_timeout_ms: int = LINK_DEFAULTS["recv_timeout_ms"]
+    http_timeout_ms: int = LINK_DEFAULTS["http_timeout_ms"]
+    http_max_payload_size: int = LINK_DEFAULTS["http_max_payload_size"]
+    throttle_window_size: int = LINK_DEFAULTS["throttle_window_size"]
+    brpc_channel_protocol: str = LINK_DEFAULTS["brpc_channel_protocol"]
+    brpc_channel_connection_type: str = LINK_DEFAULTS["brpc_channel_connection_type"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but likely to hurt on a real network."""
+        out = []
+        window = self.connect_retry_times * self.connect_retry_interval_ms
+        if window < _MIN_RETRY_WINDOW_MS:
+            out.append(
+                f"link: the connect retry window is {window / 1000:.0f} s "
+                f"(connect_retry_times x connect_retry_interval_ms); under 60 s a slow peer "
+                "or network can fail the link"
+            )
+        if self.recv_timeout_ms < _MIN_RECV_TIMEOUT_MS:
+            out.append(
+                f"link.recv_timeout_ms: {self.recv_timeout_ms} ms is under 10 minutes; "
+                "a large PSI can exceed it"
+            )
+        return out
+
+
+def parse_link_settings(value: Any, problems: list[str]) -> LinkSettings:
+    """Validate the spec's ``link:`` mapping (may be absent) into LinkSettings."""
+    if value is None:
+        return LinkSettings()
+    if not isinstance(value, dict):
+        problems.append("link: must be a mapping of SPU link settings")
+        return LinkSettings()
+    values: dict[str, Any] = {}
+    for key, raw in value.items():
+        path = f"link.{key}"
+        if key not in LINK_DEFAULTS:
+            problems.append(f"{path}: unknown link setting (allowed: {', '.join(LINK_DEFAULTS)})")
+            continue
+        default = LINK_DEFAULTS[key]
+        if isinstance(default, int):
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                problems.append(f"{path}: must be a whole number, got {raw!r}")
+                continue
+            minimum = 0 if key in ("connect_retry_times", "throttle_window_size") else 1
+            if raw < minimum or raw > 2**31 - 1:
+                problems.append(f"{path}: must be between {minimum} and {2**31 - 1}, got {raw}")
+                continue
+        elif key == "brpc_channel_protocol":
+            if raw not in _PROTOCOLS:
+                problems.append(
+                    f"{path}: must be http (the broker speaks HTTP/1.1), got {raw!r}"
+                )
+                continue
+        elif key == "brpc_channel_connection_type":
+            if raw not in _CONNECTION_TYPES:
+                problems.append(f"{path}: must be one of {', '.join(_CONNECTION_TYPES)}, got {raw!r}")
+                continue
+        values[key] = raw
+    settings = LinkSettings(**values)
+    if settings.brpc_channel_protocol == "http" and settings.brpc_channel_connection_type == "single":
+        problems.append(
+            "link.brpc_channel_connection_type: http needs pooled or short, not single"
+        )
+    return settings
+
+
+def blackbox_environment(
+    broker: str, parties: list[str], session_id: str, trace_id: str, token: str = "psi-run"
+) -> dict[str, str]:
+    """Environment variables through which yacl's blackbox link finds the broker."""
+    env = {
+        "system.transport": broker,
+        "config.trace_id": trace_id,
+        "config.token": token,
+        "config.session_id": session_id,
+    }
+    for party in parties:
+        env[f"config.inst_id.{party}"] = party
+    return env
+
+
+def create_blackbox_link(
+    settings: LinkSettings, parties: list[str], self_party: str, link_id: str, env: dict[str, str]
+):
+    """Create SPU's link context through the broker. Blocks until the peer's link answers."""
+    import spu.libspu.link as spu_link  # heavy import: only when a link is made
+
+    os.environ.update(env)
+    desc = spu_link.Desc()
+    desc.id = link_id
+    for party in parties:
+        desc.add_party(party, party)  # in blackbox mode the "host" is the party's node id
+    for key, value in settings.as_dict().items():
+        setattr(desc, key, value)
+    desc.link_type = "blackbox"
+    return spu_link.create_brpc(desc, parties.index(self_party))
