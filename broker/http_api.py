@@ -133,7 +133,7 @@ class HttpApi:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response(
             {"status": "ok", "self_party": sorted(self.d.self_parties),
-             "queues": len(self.d.queues)}
+             "routes": sorted(self.d.routes.table.routes), "queues": len(self.d.queues)}
         )
 
     async def metrics(self, request: web.Request) -> web.Response:

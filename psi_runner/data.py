@@ -181,7 +181,8 @@ def canonical_keys(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
     if len(keys) == 1:
         col = table[keys[0]].combine_chunks().cast(pa.large_string())
         plain = pc.match_substring_regex(col, _PLAIN_KEY)
-        encoded = pc.binary_join_element_wise(pa.scalar("~", pa.large_string()), _hex(col), "")
+        empty = pa.scalar("", pa.large_string())
+        encoded = pc.binary_join_element_wise(pa.scalar("~", pa.large_string()), _hex(col), empty)
         return pc.if_else(plain, col, encoded)
     parts = [_hex(table[k]) for k in keys]
     return pc.binary_join_element_wise(*parts, pa.scalar("-", pa.large_string()))
