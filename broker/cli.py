@@ -104,6 +104,14 @@ async def _run(cfg: BrokerConfig, ready_file: str | None) -> None:
     await broker.serve()
 
 
+def _fail(line: str) -> int:
+    print(line, file=sys.stderr, flush=True)
+    log.error("%s", line)
+    logging.shutdown()
+    # A half-started gRPC server can keep threads alive at exit; nothing is left to clean up.
+    os._exit(2)
+
+
 def _install_fast_loop() -> None:
     # uvloop roughly halves the broker's CPU per message; the PSI runs on the same cores.
     if os.environ.get("PSI_BROKER_LOOP", "uvloop") != "uvloop":
@@ -117,6 +125,8 @@ def _install_fast_loop() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    # gRPC's C core would print its own copy of bind errors; ours is the one line that counts.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     try:
         cfg = load_config(args.conf_dir)
         if args.log_dir:
@@ -134,11 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         _install_fast_loop()
         asyncio.run(_run(cfg, args.ready_file))
     except BrokerError as exc:
-        print(f"psi-broker: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"psi-broker: {exc}")
     except OSError as exc:
-        print(f"psi-broker: cannot start: {exc} (is the port already in use?)", file=sys.stderr)
-        return 2
+        return _fail(f"psi-broker: cannot start: {exc} (is the port already in use?)")
     except KeyboardInterrupt:
         return 130
     return 0

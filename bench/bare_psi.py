@@ -1,0 +1,97 @@
+"""One party of a bare SPU PSI v2 call on a direct brpc link: no broker, no psi-run.
+
+The baseline of bench/bench_psi.py. Run one process per party, e.g.
+
+    python bench/bare_psi.py --rank 0 --ports 61001,61002 --input /abs/alice.csv \
+        --output /abs/alice_out.csv
+    python bench/bare_psi.py --rank 1 --ports 61001,61002 --input /abs/bob.csv \
+        --output /abs/bob_out.csv
+
+Rank 0 is alice (the receiver), rank 1 is bob; the result is broadcast to both. The link uses
+the same tuned settings as psi-run (retries, timeouts). The PsiConfig is the one psi-run builds
+(skip_duplicates_check=True, since psi-run checks duplicates itself in its preflight) unless
+--dup-check is given. The last stdout line is a JSON document with the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+PARTIES = ("alice", "bob")
+
+
+def main(argv: list[str] | None = None) -> int:
+    t_start = time.monotonic()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rank", type=int, choices=(0, 1), required=True,
+                    help="0 = alice (receiver), 1 = bob (sender)")
+    ap.add_argument("--ports", required=True, help="alice's and bob's link ports, e.g. 61001,61002")
+    ap.add_argument("--input", required=True, help="absolute path of this party's CSV")
+    ap.add_argument("--output", required=True, help="absolute path of this party's result CSV")
+    ap.add_argument("--protocol", default="RR22", choices=("RR22", "KKRT", "ECDH"))
+    ap.add_argument("--key", default="uid")
+    ap.add_argument("--link-id", default="bench")
+    ap.add_argument("--dup-check", action="store_true",
+                    help="let SPU check the keys for duplicates (psi-run skips it in SPU)")
+    args = ap.parse_args(argv)
+
+    import spu.libspu.link as link
+    from spu import psi
+    from spu import psi_v2_pb2 as v2
+
+    ports = [int(p) for p in args.ports.split(",")]
+    if len(ports) != 2:
+        ap.error("--ports needs two ports")
+    t_import = time.monotonic()
+
+    desc = link.Desc()
+    desc.id = args.link_id
+    for name, port in zip(PARTIES, ports):
+        desc.add_party(name, f"127.0.0.1:{port}")
+    desc.connect_retry_times = 60
+    desc.connect_retry_interval_ms = 1000
+    desc.recv_timeout_ms = 1_200_000
+    desc.http_timeout_ms = 1_200_000
+
+    t0 = time.monotonic()
+    lctx = link.create_brpc(desc, args.rank)
+    t1 = time.monotonic()
+    receiver = args.rank == 0
+    cfg = v2.PsiConfig(
+        protocol_config=v2.ProtocolConfig(
+            protocol=getattr(v2, f"PROTOCOL_{args.protocol}"),
+            role=v2.ROLE_RECEIVER if receiver else v2.ROLE_SENDER,
+            broadcast_result=True,
+        ),
+        input_config=v2.IoConfig(type=v2.IO_TYPE_FILE_CSV, path=os.path.abspath(args.input)),
+        output_config=v2.IoConfig(type=v2.IO_TYPE_FILE_CSV, path=os.path.abspath(args.output)),
+        keys=[args.key],
+        skip_duplicates_check=not args.dup_check,
+    )
+    if args.protocol == "ECDH":
+        from spu import psi_pb2
+
+        cfg.protocol_config.ecdh_config.curve = psi_pb2.CurveType.Value("CURVE_25519")
+    report = psi.psi(cfg, lctx)
+    t2 = time.monotonic()
+    lctx.stop_link()
+    print(json.dumps({
+        "party": PARTIES[args.rank],
+        "original_count": int(report.original_count),
+        "intersection_count": int(report.intersection_count),
+        "seconds": {
+            "import_s": round(t_import - t_start, 3),
+            "link_s": round(t1 - t0, 3),
+            "psi_s": round(t2 - t1, 3),
+            "total_s": round(time.monotonic() - t_start, 3),
+        },
+    }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""Benchmark: psi-run + two psi-broker processes versus a bare SPU PSI call.
+
+For the same job (N x N rows, 50 % overlap, one key column ``uid``) it runs, alternating in
+one process so that machine noise hits both alike:
+
+  (a) the product: two ``psi-broker`` processes routed to each other (gRPC or HTTP route)
+      and ``psi-run SPEC --party alice`` / ``--party bob``;
+  (b) the baseline: two processes of ``bench/bare_psi.py``, each one SPU PSI v2 call on a
+      direct brpc link between 127.0.0.1 ports (no broker, no psi-run).
+
+Per run it measures the wall time from starting both party processes to both having exited
+(so the slower party counts) and the PSI call time (the larger of the two parties'); it checks
+that both parties' results hold exactly the expected intersection. See bench/README.md.
+
+    .venv/bin/python bench/bench_psi.py --rows 1000000 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import yaml
+
+from psi_runner.localnet import BIN, run_parties, start_pair
+
+HERE = Path(__file__).resolve().parent
+BARE = HERE / "bare_psi.py"
+PARTIES = ("alice", "bob")
+KEY = "uid"
+TARGET_RATIO = 1.25
+
+
+class BenchError(RuntimeError):
+    """A run failed or produced a wrong result: the benchmark stops."""
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+@dataclass
+class Dataset:
+    rows: int
+    overlap: int
+    paths: dict[str, Path]
+    expected: pa.Array  # sorted ids of the intersection
+
+
+def _write_ids(path: Path, ids: np.ndarray, xs: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="ascii", newline="\n") as fh:
+        fh.write(f"{KEY},x\n")
+        step = 100_000
+        for i in range(0, len(ids), step):
+            fh.write("".join(f"id{v:09d},{x}\n"
+                             for v, x in zip(ids[i:i + step].tolist(), xs[i:i + step].tolist())))
+    tmp.replace(path)
+
+
+def make_dataset(folder: Path, rows: int, seed: int) -> Dataset:
+    """alice.csv and bob.csv with ``rows`` unique ids each, ``rows // 2`` of them shared.
+
+    Reused when ``folder`` already holds files made with the same rows and seed.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    overlap = rows // 2
+    paths = {p: folder / f"{p}.csv" for p in PARTIES}
+    meta_path = folder / "dataset.json"
+    meta = {"rows": rows, "overlap": overlap, "seed": seed, "format": 1}
+    rng = np.random.default_rng(seed)
+    pool = rng.choice(10**9, size=2 * rows - overlap, replace=False)
+    shared = pool[rows - overlap: rows]
+    expected = pa.array([f"id{v:09d}" for v in shared.tolist()], type=pa.string())
+    expected = pc.take(expected, pc.sort_indices(expected))
+    reuse = (
+        meta_path.exists()
+        and json.loads(meta_path.read_text()) == meta
+        and all(p.exists() for p in paths.values())
+    )
+    if reuse:
+        print(f"data: reusing {folder} ({rows} rows per party, {overlap} shared)")
+        return Dataset(rows, overlap, paths, expected)
+    t = time.monotonic()
+    meta_path.unlink(missing_ok=True)
+    halves = {"alice": pool[:rows], "bob": pool[rows - overlap:]}
+    for party, ids in halves.items():
+        ids = rng.permutation(ids)  # shared ids scattered through both files
+        xs = rng.integers(0, 1_000_000, size=rows)
+        _write_ids(paths[party], ids, xs)
+    meta_path.write_text(json.dumps(meta))
+    print(f"data: wrote {folder} ({rows} rows per party, {overlap} shared) "
+          f"in {time.monotonic() - t:.1f} s")
+    return Dataset(rows, overlap, paths, expected)
+
+
+def check_output(path: Path, data: Dataset, who: str) -> int:
+    """Fail unless ``path`` holds exactly the expected intersection; return its row count."""
+    if not path.exists():
+        raise BenchError(f"{who}: no output file {path}")
+    raw = path.read_bytes()
+    lines = raw.count(b"\n") + (1 if raw and not raw.endswith(b"\n") else 0)
+    count = max(lines - 1, 0)
+    if count != data.overlap:
+        raise BenchError(f"{who}: {path} has {count} rows, expected {data.overlap}")
+    table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
+        column_types={KEY: pa.string()}, include_columns=[KEY]))
+    got = table[KEY].combine_chunks()
+    got = pc.take(got, pc.sort_indices(got))
+    if not got.equals(data.expected):
+        raise BenchError(f"{who}: {path} has {count} rows but not the expected ids")
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# runs
+
+@dataclass
+class Run:
+    round: int
+    variant: str  # "a:grpc", "a:http" or "b"
+    wall_s: float
+    psi_s: float
+    link_s: float
+    rows: tuple[int, int]
+    stages: dict[str, float] = field(default_factory=dict)  # max over parties, (a) only
+    setup_s: float = 0.0  # brokers' start (a) / nothing (b); not part of wall_s
+
+    @property
+    def label(self) -> str:
+        return VARIANT_LABELS[self.variant]
+
+
+VARIANT_LABELS = {
+    "a:grpc": "psi-run+brokers(grpc)",
+    "a:http": "psi-run+brokers(http)",
+    "b": "bare SPU",
+}
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (bound together, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def run_product(rnd: int, route: str, data: Dataset, run_dir: Path, protocol: str,
+                timeout_s: float) -> Run:
+    """(a): two routed brokers, then both psi-run processes; wall time of the psi-runs."""
+    who = f"round {rnd} (a) route {route}"
+    t = time.monotonic()
+    brokers = start_pair(run_dir / "brokers", protocol=route)
+    setup_s = time.monotonic() - t
+    try:
+        spec = run_dir / "job.yaml"
+        doc = {
+            "job_id": f"bench-{rnd}-{route}",
+            "protocol": protocol,
+            "keys": [KEY],
+            "receiver": "alice",
+            "parties": {
+                b.party: {
+                    "broker": b.http,
+                    "input": str(data.paths[b.party]),
+                    "output": str(run_dir / "out" / f"{b.party}_psi.csv"),
+                }
+                for b in brokers
+            },
+        }
+        spec.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        t0 = time.monotonic()
+        results = run_parties(spec, list(PARTIES), timeout_s=timeout_s, log_dir=run_dir / "logs")
+        wall = time.monotonic() - t0
+    finally:
+        for b in brokers:
+            b.stop()
+    reports = []
+    for party, r in zip(PARTIES, results):
+        if r.returncode != 0:
+            raise BenchError(f"{who}: psi-run --party {party} exited {r.returncode}:\n"
+                             f"{r.stderr.strip()}")
+        try:
+            reports.append(json.loads(r.stdout))
+        except ValueError:
+            raise BenchError(f"{who}: psi-run --party {party} printed no JSON report:\n"
+                             f"{r.stdout!r}\n{r.stderr.strip()}") from None
+    rows = []
+    for party, rep in zip(PARTIES, reports):
+        if rep.get("intersection_count") != data.overlap:
+            raise BenchError(f"{who}: {party} reports intersection_count "
+                             f"{rep.get('intersection_count')}, expected {data.overlap}")
+        rows.append(check_output(Path(rep["output"]), data, f"{who} {party}"))
+    stages = {k: max(rep["seconds"][k] for rep in reports) for k in reports[0]["seconds"]}
+    return Run(rnd, f"a:{route}", wall, stages["psi_s"], stages["link_s"], tuple(rows), stages,
+               setup_s)
+
+
+def _bare_report(stdout: str) -> dict | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and "intersection_count" in doc:
+                return doc
+    return None
+
+
+def run_bare(rnd: int, data: Dataset, run_dir: Path, protocol: str, timeout_s: float,
+             dup_check: bool) -> Run:
+    """(b): two bare SPU processes on a direct brpc link; wall time of both."""
+    who = f"round {rnd} (b) bare SPU"
+    out = run_dir / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    ports = ",".join(map(str, free_ports(2)))
+    cmds = [
+        [sys.executable, str(BARE), "--rank", str(rank), "--ports", ports,
+         "--input", str(data.paths[party]), "--output", str(out / f"{party}_psi.csv"),
+         "--protocol", protocol, "--key", KEY, "--link-id", f"bench-{rnd}",
+         *(["--dup-check"] if dup_check else [])]
+        for rank, party in enumerate(PARTIES)
+    ]
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in cmds]
+    results = []
+    deadline = t0 + timeout_s
+    try:
+        for proc in procs:
+            try:
+                o, e = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                for other in procs:
+                    other.kill()
+                o, e = proc.communicate()
+            results.append((proc.returncode, o.decode(), e.decode()))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    wall = time.monotonic() - t0
+    reports = []
+    for party, (code, o, e) in zip(PARTIES, results):
+        if code != 0:
+            (run_dir / f"{party}.stderr.txt").write_text(e)
+            tail = "\n".join(e.strip().splitlines()[-15:])
+            raise BenchError(f"{who}: bare_psi.py {party} exited {code}:\n{tail}")
+        rep = _bare_report(o)  # SPU logs to stdout too; the report is the line of JSON
+        if rep is None:
+            (run_dir / f"{party}.stdout.txt").write_text(o)
+            raise BenchError(f"{who}: bare_psi.py {party} printed no JSON report "
+                             f"(stdout kept in {run_dir})")
+        reports.append(rep)
+    rows = []
+    for party, rep in zip(PARTIES, reports):
+        if rep["intersection_count"] != data.overlap:
+            raise BenchError(f"{who}: {party} reports intersection_count "
+                             f"{rep['intersection_count']}, expected {data.overlap}")
+        rows.append(check_output(out / f"{party}_psi.csv", data, f"{who} {party}"))
+    psi_s = max(r["seconds"]["psi_s"] for r in reports)
+    link_s = max(r["seconds"]["link_s"] for r in reports)
+    return Run(rnd, "b", wall, psi_s, link_s, tuple(rows))
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+def machine_info() -> list[str]:
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+                break
+    except OSError:
+        pass
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return [
+        f"nproc: {affinity} (cpu_count {os.cpu_count()}){'; ' + cpu if cpu else ''}",
+        f"memory: {mem or '?'}; load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"platform: {platform.platform()}",
+        f"python: {platform.python_version()} ({sys.executable})",
+        f"spu: {version('spu')}; psi-run: {version('psi-run')}",
+    ]
+
+
+HEADER = (f"{'round':>5}  {'#':>1}  {'variant':<22} {'wall_s':>8} {'psi_s':>8} {'link_s':>7} "
+          f"{'wall-psi':>8} {'prep_s':>7} {'out_s':>6} {'brokers':>7}  rows alice/bob")
+
+
+def row_line(r: Run, pos: int) -> str:
+    if r.variant == "b":
+        prep = out = brk = "-"
+    else:
+        prep = f"{r.stages['preflight_s'] + r.stages['prepare_s']:.2f}"
+        out = f"{r.stages['output_s']:.2f}"
+        brk = f"{r.setup_s:.2f}"
+    return (f"{r.round:>5}  {pos:>1}  {r.label:<22} {r.wall_s:>8.2f} {r.psi_s:>8.2f} "
+            f"{r.link_s:>7.2f} {r.wall_s - r.psi_s:>8.2f} {prep:>7} {out:>6} {brk:>7}  "
+            f"{r.rows[0]}/{r.rows[1]}")
+
+
+def summary(runs: list[Run], variants: list[str]) -> list[str]:
+    med: dict[str, dict[str, float]] = {}
+    for v in variants:
+        rs = [r for r in runs if r.variant == v]
+        med[v] = {
+            "wall": statistics.median(r.wall_s for r in rs),
+            "psi": statistics.median(r.psi_s for r in rs),
+            "link": statistics.median(r.link_s for r in rs),
+            "n": len(rs),
+            "min_wall": min(r.wall_s for r in rs),
+            "max_wall": max(r.wall_s for r in rs),
+        }
+    lines = [f"{'variant':<22} {'runs':>4} {'median wall_s':>13} {'(min-max)':>15} "
+             f"{'median psi_s':>12} {'median link_s':>13} {'wall-psi':>8}"]
+    for v in variants:
+        m = med[v]
+        lines.append(f"{VARIANT_LABELS[v]:<22} {m['n']:>4} {m['wall']:>13.2f} "
+                     f"{m['min_wall']:>7.2f}-{m['max_wall']:<7.2f} {m['psi']:>12.2f} "
+                     f"{m['link']:>13.2f} {m['wall'] - m['psi']:>8.2f}")
+    lines.append("")
+    base = med["b"]
+    for v in variants:
+        if v == "b":
+            continue
+        rw = med[v]["wall"] / base["wall"]
+        rp = med[v]["psi"] / base["psi"]
+        lines.append(f"ratio wall {VARIANT_LABELS[v]} / bare SPU: {rw:.2f}")
+        lines.append(f"ratio psi call {VARIANT_LABELS[v]} / bare SPU: {rp:.2f}")
+        verdict = "met" if rw <= TARGET_RATIO else "NOT met"
+        lines.append(f"target wall ratio <= {TARGET_RATIO} ({VARIANT_LABELS[v]}): {verdict}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="psi-run + brokers versus bare SPU PSI, N x N rows")
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows per party (default 1M)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    ap.add_argument("--protocol", default="RR22", choices=("RR22", "KKRT", "ECDH"))
+    ap.add_argument("--route", default="both", choices=("grpc", "http", "both"),
+                    help="broker-to-broker route of (a) (default both)")
+    ap.add_argument("--workdir", type=Path,
+                    help="folder for data and runs (default: a temporary folder, removed "
+                         "afterwards); data there is reused when rows and seed match")
+    ap.add_argument("--seed", type=int, default=20240601)
+    ap.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
+    ap.add_argument("--keep", action="store_true", help="keep every run's outputs and logs")
+    ap.add_argument("--bare-dup-check", action="store_true",
+                    help="(b) lets SPU check for duplicate keys (psi-run skips that check in "
+                         "SPU because its preflight does it); default: same PsiConfig as psi-run")
+    args = ap.parse_args(argv)
+    if args.rows < 2 or args.rounds < 1:
+        ap.error("--rows must be >= 2 and --rounds >= 1")
+    for tool in ("psi-run", "psi-broker"):
+        if not (BIN / tool).exists():
+            ap.error(f"{BIN / tool} not found; run with the project's .venv/bin/python")
+
+    routes = ["grpc", "http"] if args.route == "both" else [args.route]
+    variants = [f"a:{r}" for r in routes] + ["b"]
+
+    print("== machine")
+    for line in machine_info():
+        print("  " + line)
+    print(f"== job: {args.protocol}, {args.rows} x {args.rows} rows, 50% overlap, "
+          f"{args.rounds} round(s), routes {', '.join(routes)}; "
+          f"(b) dup check in SPU: {'yes' if args.bare_dup_check else 'no (as psi-run)'}")
+
+    temp = args.workdir is None
+    work = Path(tempfile.mkdtemp(prefix="psi-bench-")) if temp else args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"  workdir: {work}")
+    data = make_dataset(work / "data", args.rows, args.seed)
+    runs_root = work / "runs"
+    failed = False
+    runs: list[Run] = []
+    started = time.monotonic()
+    try:
+        for rnd in range(1, args.rounds + 1):
+            # a, b in odd rounds; b, a (reversed) in even rounds
+            order = variants if rnd % 2 == 1 else list(reversed(variants))
+            print(f"\n== round {rnd}/{args.rounds}: order {' -> '.join(VARIANT_LABELS[v] for v in order)}",
+                  flush=True)
+            print(HEADER)
+            for pos, v in enumerate(order, 1):
+                run_dir = runs_root / f"r{rnd}-{v.replace(':', '-')}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_dir.mkdir(parents=True)
+                if v == "b":
+                    r = run_bare(rnd, data, run_dir, args.protocol, args.timeout,
+                                 args.bare_dup_check)
+                else:
+                    r = run_product(rnd, v.split(":")[1], data, run_dir, args.protocol,
+                                    args.timeout)
+                runs.append(r)
+                print(row_line(r, pos), flush=True)
+                if not args.keep:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+    except BenchError as exc:
+        failed = True
+        print(f"\nFAILED: {exc}", file=sys.stderr)
+        print(f"(logs and outputs kept under {runs_root})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        failed = True
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        if temp and not args.keep and not failed:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\n== summary ({args.protocol}, {args.rows} x {args.rows} rows, {args.rounds} "
+          f"round(s), {time.monotonic() - started:.0f} s in all; "
+          f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
+    for line in summary(runs, variants):
+        print(line)
+    print("all outputs checked: both parties hold exactly the "
+          f"{data.overlap} expected rows in every run")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Real psi-broker processes: PTP over HTTP and gRPC, forwarding, lifecycle, refusals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from broker import codes
+from broker.proto import http_ptp_pb2, ptp_pb2, ptp_pb2_grpc
+from psi_runner.localnet import BIN, LocalBroker, start_pair
+
+
+def _http(broker: LocalBroker, op: str, headers: dict, body: bytes = b"", query: str = ""):
+    req = urllib.request.Request(
+        f"http://{broker.http}/v1/interconn/chan/{op}{query}", data=body, method="POST",
+        headers=headers,
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+        out = http_ptp_pb2.TransportOutbound()
+        out.ParseFromString(resp.read())
+        return out
+
+
+def _hdr(session, topic, source, target=""):
+    h = {"x-ptp-session-id": session, "x-ptp-topic": topic, "x-ptp-source-node-id": source}
+    if target:
+        h["x-ptp-target-node-id"] = target
+    return h
+
+
+@pytest.mark.parametrize("brokers", ["grpc", "http"], indirect=True)
+def test_http_push_at_alice_is_popped_at_bob(brokers):
+    alice, bob = brokers
+    payload = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    r = _http(alice, "push", _hdr("s1", "alice-bob", "alice", "bob"), payload)
+    assert r.code == codes.OK, r.message
+    peeked = _http(bob, "peek", _hdr("s1", "alice-bob", "bob"))
+    assert peeked.code == codes.OK and peeked.payload == payload
+    got = _http(bob, "pop", _hdr("s1", "alice-bob", "bob"), query="?timeout=2")
+    assert got.code == codes.OK and got.payload == payload
+    empty = _http(bob, "pop", _hdr("s1", "alice-bob", "bob"), query="?timeout=0.2")
+    assert empty.code == codes.NOT_FOUND and empty.payload == b""
+
+
+def test_long_poll_pop_returns_when_the_message_arrives(brokers):
+    alice, bob = brokers
+    proc = subprocess.Popen(
+        [str(BIN / "python"), "-c",
+         "import time, urllib.request; time.sleep(0.5); req = urllib.request.Request("
+         f"'http://{alice.http}/v1/interconn/chan/push', data=b'late', method='POST', headers="
+         "{'x-ptp-session-id': 's2', 'x-ptp-topic': 't', 'x-ptp-source-node-id': 'alice',"
+         " 'x-ptp-target-node-id': 'bob'}); urllib.request.urlopen(req, timeout=10).read()"],
+    )
+    t = time.monotonic()
+    got = _http(bob, "pop", _hdr("s2", "t", "bob"), query="?timeout=10")
+    waited = time.monotonic() - t
+    proc.wait(10)
+    assert got.code == codes.OK and got.payload == b"late"
+    assert waited < 9  # answered on arrival, not at the timeout
+
+
+def test_release_drops_a_sessions_queues(brokers):
+    alice, bob = brokers
+    for i in range(3):
+        assert _http(alice, "push", _hdr("s3", f"t{i}", "alice", "bob"), b"x").code == codes.OK
+    assert _http(bob, "release", {"x-ptp-session-id": "s3"}).code == codes.OK
+    got = _http(bob, "pop", _hdr("s3", "t0", "bob"), query="?timeout=0")
+    assert got.code == codes.NOT_FOUND
+
+
+def test_push_for_an_unrouted_party_says_no_route(brokers):
+    alice, _ = brokers
+    r = _http(alice, "push", _hdr("s4", "t", "alice", "carol"), b"x")
+    assert r.code == codes.ROUTE_NOT_FOUND
+    assert "carol" in r.message
+
+
+def test_bad_headers_are_refused_with_a_reason(brokers):
+    alice, _ = brokers
+    r = _http(alice, "push", _hdr("../etc", "t", "alice", "bob"), b"x")
+    assert r.code == codes.BAD_REQUEST and "x-ptp-session-id" in r.message
+    r = _http(alice, "push", {"x-ptp-session-id": "s", "x-ptp-source-node-id": "alice",
+                              "x-ptp-target-node-id": "bob"}, b"x")
+    assert r.code == codes.BAD_REQUEST and "x-ptp-topic" in r.message
+
+
+def test_grpc_client_from_project_proto_pushes_at_alice_and_pops_at_bob(brokers):
+    alice, bob = brokers
+    md = lambda src, tgt="": tuple(  # noqa: E731
+        (k, v) for k, v in {"x-ptp-session-id": "g1", "x-ptp-source-node-id": src,
+                            "x-ptp-target-node-id": tgt}.items() if v
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{alice.grpc_port}") as ch:
+        stub = ptp_pb2_grpc.PrivateTransferTransportStub(ch)
+        out = stub.push(ptp_pb2.PushInbound(topic="alice-bob", payload=b"hello bob"),
+                        metadata=md("alice", "bob"), timeout=10)
+        assert out.code == codes.OK, out.message
+    with grpc.insecure_channel(f"127.0.0.1:{bob.grpc_port}") as ch:
+        stub = ptp_pb2_grpc.PrivateTransferTransportStub(ch)
+        out = stub.pop(ptp_pb2.PopInbound(topic="alice-bob", timeout=5), metadata=md("bob"),
+                       timeout=10)
+        assert out.code == codes.OK and out.payload == b"hello bob"
+
+
+def test_unknown_source_node_is_refused_on_invoke(brokers):
+    _, bob = brokers
+    with grpc.insecure_channel(f"127.0.0.1:{bob.grpc_port}") as ch:
+        stub = ptp_pb2_grpc.PrivateTransferProtocolStub(ch)
+        out = stub.invoke(
+            ptp_pb2.Inbound(payload=b"x"),
+            metadata=(("x-ptp-session-id", "g2"), ("x-ptp-topic", "t"),
+                      ("x-ptp-source-node-id", "mallory"), ("x-ptp-target-node-id", "bob")),
+            timeout=10,
+        )
+    assert out.code == codes.UNAUTHORIZED
+    assert "|REFUSED|" in bob.flow_log()
+
+
+def test_broker_logs_addresses_and_stops_cleanly_on_sigterm(tmp_path):
+    b = LocalBroker("alice", tmp_path / "conf")
+    b.write_config({})
+    b.start()
+    assert b.health()["self_party"] == ["alice"]
+    log = (b.conf_dir / "logs" / "broker.log").read_text()
+    assert f"listening: http on {b.http}" in log
+    b.proc.send_signal(signal.SIGTERM)
+    assert b.proc.wait(10) == 0
+    assert "stopped" in (b.conf_dir / "logs" / "broker.log").read_text()
+
+
+def test_broken_config_stops_with_one_line_naming_the_key(tmp_path):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "broker.properties").write_text("grpc.port=abc\nopen.http.server=true\n")
+    (conf / "route_table.json").write_text('{"route_table": {}, "self_party": ["a"]}')
+    r = subprocess.run([str(BIN / "psi-broker"), "--conf-dir", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "grpc.port" in r.stderr and "http.port" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_route_table_that_does_not_parse_stops_start_with_position(tmp_path):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "broker.properties").write_text("grpc.port=0\nopen.http.server=true\nhttp.port=0\n")
+    (conf / "route_table.json").write_text('{"route_table": {,}, "self_party": ["a"]}')
+    r = subprocess.run([str(BIN / "psi-broker"), "--conf-dir", str(conf)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2
+    assert "line 1, column" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path):
+    pair = start_pair(tmp_path / "p")
+    try:
+        conf = tmp_path / "c2"
+        conf.mkdir()
+        (conf / "broker.properties").write_text(
+            f"grpc.port={pair[0].grpc_port}\nbind.host=127.0.0.1\nopen.http.server=true\n"
+            "http.port=0\n")
+        (conf / "route_table.json").write_text('{"route_table": {}, "self_party": ["a"]}')
+        r = subprocess.run([str(BIN / "psi-broker"), "--conf-dir", str(conf), "--log-dir",
+                            str(tmp_path / "l")], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2
+        assert "grpc.port" in r.stderr and "in use" in r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        for b in pair:
+            b.stop()
