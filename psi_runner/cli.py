@@ -30,6 +30,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("spec", help="job spec (YAML), the same file at both parties")
     parser.add_argument("--party", required=True, help="which party of the spec this is")
+    parser.add_argument("--check", action="store_true",
+                        help="dry run: preflight and the handshake with the peer, then stop")
     parser.add_argument("--log-dir", default="logs",
                         help="folder for the detailed log file (default: ./logs)")
     return parser.parse_args(argv)
@@ -65,7 +67,8 @@ def _child(args: argparse.Namespace, log_path: Path, out_fd: int, err_fd: int) -
         spec = load_spec(args.spec)
         for warning in spec.link.warnings():
             _say(err_fd, f"psi-run: warning: {warning}")
-        report = run_job(spec, args.party, log_path)
+        report = run_job(spec, args.party, log_path, check_only=args.check,
+                         progress=lambda line: _say(err_fd, f"psi-run: {line}"))
     except PsiRunError as exc:
         log.error("%s", exc, exc_info=exc.__cause__ is not None)
         _say(err_fd, f"psi-run: {exc}")

@@ -97,6 +97,8 @@ def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = Fa
     blank = _first_blank_line(body)
     if blank:
         raise PreflightError(f"{where}: line {blank} is blank; remove blank lines")
+    if header_end < 0:  # a lone header without a newline; pyarrow's message for it is obscure
+        raise PreflightError(f"{where}: has a header but no rows")
 
     try:
         table = pcsv.read_csv(

@@ -21,6 +21,7 @@ def shared_fields(spec: JobSpec) -> dict[str, object]:
         "broadcast_result": spec.broadcast_result,
         "ecdh_curve": spec.ecdh_curve if spec.protocol == "ECDH" else None,
         "parties": spec.party_names,
+        "allow_duplicate_keys": spec.allow_duplicate_keys,
         "link": spec.link.as_dict(),
     }
 

@@ -9,9 +9,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import __version__, broker_client, data
+from collections.abc import Callable
+
+from . import __version__, broker_client, data, handshake
 from .backends import embedded
-from .digest import spec_digest
 from .errors import PreflightError
 from .link import blackbox_environment
 from .spec import JobSpec
@@ -26,17 +27,16 @@ def preflight(spec: JobSpec, party: str) -> data.InputTable:
             f"--party {party!r} is not in the spec; the parties are {', '.join(spec.parties)}"
         )
     me = spec.parties[party]
-    inp = data.inspect_input(me.input, spec.keys)
+    inp = data.inspect_input(me.input, spec.keys, spec.allow_duplicate_keys)
     data.check_output_location(me.output)
     return inp
 
 
-def session_id(spec: JobSpec) -> str:
-    return f"{spec.job_id}.{spec_digest(spec)[:16]}"
+def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
+            progress: Callable[[str], None] = lambda line: None) -> dict:
+    """Run this party's side of the job; return the report (raises PsiRunError).
 
-
-def run_job(spec: JobSpec, party: str, log_path: Path) -> dict:
-    """Run this party's side of the job; return the report (raises PsiRunError)."""
+    With ``check_only`` it stops after preflight and the handshake (a dry run)."""
     stages: dict[str, float] = {}
     started = time.monotonic()
     log.info("job %s party %s: psi-run %s, spec %s", spec.job_id, party, __version__, spec.path)
@@ -51,8 +51,23 @@ def run_job(spec: JobSpec, party: str, log_path: Path) -> dict:
     log.info("job %s party %s: input has %d rows, plain=%s", spec.job_id, party, inp.rows,
              inp.plain)
 
+    t = time.monotonic()
+    try:
+        agreed = handshake.handshake(spec, party, spec.timeout_s,
+                                     mode="check" if check_only else "run", progress=progress)
+    finally:
+        handshake.finish(spec, party)
+    stages["handshake_s"] = time.monotonic() - t
+    base = {"job_id": spec.job_id, "party": party, "peer": spec.peer_of(party),
+            "protocol": spec.protocol, "keys": list(spec.keys), "receiver": spec.receiver,
+            "original_count": inp.rows}
+    if check_only:
+        stages["total_s"] = time.monotonic() - started
+        return {**base, "check": "ok", "peer_versions": agreed.peer_versions,
+                "log": str(log_path), "seconds": {k: round(v, 3) for k, v in stages.items()}}
+
     work = Path(tempfile.mkdtemp(prefix=f".psi-run-{party}-", dir=me.output.parent))
-    session = session_id(spec)
+    session = agreed.session
     try:
         t = time.monotonic()
         if inp.plain:
@@ -86,13 +101,7 @@ def run_job(spec: JobSpec, party: str, log_path: Path) -> dict:
 
     stages["total_s"] = time.monotonic() - started
     return {
-        "job_id": spec.job_id,
-        "party": party,
-        "peer": spec.peer_of(party),
-        "protocol": spec.protocol,
-        "keys": list(spec.keys),
-        "receiver": spec.receiver,
-        "original_count": inp.rows,
+        **base,
         "intersection_count": count,
         "output": str(me.output) if count is not None else None,
         "log": str(log_path),

@@ -46,6 +46,8 @@ class JobSpec:
     broadcast_result: bool = True
     ecdh_curve: str = "CURVE_25519"
     link: LinkSettings = field(default_factory=LinkSettings)
+    timeout_s: float = 600.0
+    allow_duplicate_keys: bool = False
 
     @property
     def party_names(self) -> list[str]:
@@ -88,15 +90,19 @@ _UniqueKeyLoader.add_constructor(
 
 # YAML 1.1 reads 0001 as octal 1, 0x10 as 16 and 1:30 as 90, which silently renamed a party
 # written as ``0001:``. Only plain decimal numbers are ints here; the rest stay text.
+# Dates are text too (a job_id of 2024-01-01 is a name, not a date).
 _INT_TAG = "tag:yaml.org,2002:int"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _DECIMAL = re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$")
 _UniqueKeyLoader.yaml_implicit_resolvers = {
-    first: [(tag, _DECIMAL if tag == _INT_TAG else rx) for tag, rx in resolvers]
+    first: [(tag, _DECIMAL if tag == _INT_TAG else rx) for tag, rx in resolvers
+            if tag != _TIMESTAMP_TAG]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 
 _TOP_KEYS = {
     "job_id", "protocol", "keys", "receiver", "broadcast_result", "ecdh_curve", "parties", "link",
+    "timeout_s", "allow_duplicate_keys",
 }
 _PARTY_KEYS = {"broker", "input", "output"}
 
@@ -179,6 +185,15 @@ def parse_spec(text: str, spec_path: Path) -> JobSpec:
 
     link = parse_link_settings(doc.get("link"), problems)
 
+    timeout_s = doc.get("timeout_s", 600)
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+        problems.append(f"timeout_s: must be a number of seconds > 0, got {timeout_s!r}")
+        timeout_s = 600
+    allow_dups = doc.get("allow_duplicate_keys", False)
+    if not isinstance(allow_dups, bool):
+        problems.append(f"allow_duplicate_keys: must be true or false, got {allow_dups!r}")
+        allow_dups = False
+
     if problems:
         raise SpecError(str(spec_path), problems)
     return JobSpec(
@@ -191,6 +206,8 @@ def parse_spec(text: str, spec_path: Path) -> JobSpec:
         broadcast_result=broadcast,
         ecdh_curve=curve,
         link=link,
+        timeout_s=float(timeout_s),
+        allow_duplicate_keys=allow_dups,
     )
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of the job spec (psi_runner/spec.py) and the SPU link settings (psi_runner/link.py)."""
+"""Unit tests of the job spec (psi_runner/spec.py) and SPU link settings (psi_runner/link.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,265 @@
+"""Prove, before any SPU link exists, that the peer runs the same job — and wait for it.
+
+Each run picks a fresh random nonce and exchanges HELLO messages with the peer through the two
+brokers, on a control session of its own (``<job_id>.hs``)::
+
+    HELLO {nonce, seen, mode, shared fields, digest, versions}
+
+``seen`` is the peer nonce this run has received. A HELLO whose ``seen`` is our own nonce can
+only come from a live peer of *this* attempt: stale messages of a killed earlier run, or of
+another run of the same job, carry other nonces, so they only teach us a nonce and are never
+compared. Only such live HELLOs are compared: any difference ends both runs within seconds,
+naming every differing field with both values. When they agree, the SPU link's session id is
+derived from both nonces, so it is fresh for every attempt and the same on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+
+from . import __version__
+from .digest import shared_fields, spec_digest
+from .errors import PeerError, PreflightError
+from .spec import JobSpec
+
+log = logging.getLogger("psi_runner.handshake")
+
+OK = "E0000000000"
+NOT_FOUND = "E0000000404"
+PROGRESS_EVERY_S = 10.0
+RESEND_EVERY_S = 2.0
+
+
+def versions() -> dict[str, str]:
+    out = {"psi-run": __version__}
+    for dist in ("spu", "secretflow"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """What the handshake established."""
+
+    session: str  # SPU link session id, fresh per attempt and identical at both parties
+    peer_versions: dict[str, str]
+    waited_s: float
+
+
+class _Channel:
+    """Push/pop of control messages through our own broker's HTTP PTP API."""
+
+    def __init__(self, broker: str, session: str, me: str, peer: str) -> None:
+        self.base = f"http://{broker}/v1/interconn/chan/"
+        self.session = session
+        self.me = me
+        self.peer = peer
+
+    def _call(self, op: str, headers: dict[str, str], body: bytes, timeout_s: float):
+        from broker.proto.http_ptp_pb2 import TransportOutbound
+
+        req = urllib.request.Request(self.base + op, data=body, method="POST", headers={
+            "x-ptp-session-id": self.session, **headers})
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            out = TransportOutbound()
+            out.ParseFromString(resp.read())
+            return out
+
+    def push(self, message: dict) -> tuple[str, str]:
+        body = json.dumps(message, sort_keys=True).encode("utf-8")
+        out = self._call("push", {"x-ptp-topic": f"hs-{self.me}-{self.peer}",
+                                  "x-ptp-source-node-id": self.me,
+                                  "x-ptp-target-node-id": self.peer}, body, 120)
+        return out.code, out.message
+
+    def pop(self, timeout_s: float) -> dict | None:
+        out = self._call(f"pop?timeout={timeout_s:g}",
+                         {"x-ptp-topic": f"hs-{self.peer}-{self.me}",
+                          "x-ptp-source-node-id": self.me}, b"", timeout_s + 10)
+        if out.code != OK or not out.payload:
+            return None
+        try:
+            msg = json.loads(out.payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            log.warning("ignoring an unreadable control message")
+            return None
+        return msg if isinstance(msg, dict) else None
+
+    def release(self) -> None:
+        try:
+            self._call("release", {"x-ptp-source-node-id": self.me}, b"", 5)
+        except (urllib.error.URLError, OSError):
+            pass
+
+
+class _Sender(threading.Thread):
+    """Pushes HELLOs in the background: a push to an absent peer can block for a while."""
+
+    def __init__(self, channel: _Channel) -> None:
+        super().__init__(daemon=True, name="handshake-sender")
+        self.channel = channel
+        self.last_error = ""
+        self._cond = threading.Condition()
+        self._pending: dict | None = None
+        self._busy = False
+        self._stop = False
+
+    def send(self, msg: dict) -> None:
+        """Queue a HELLO; only the newest queued one is sent."""
+        with self._cond:
+            self._pending = msg
+            self._cond.notify_all()
+
+    def flush(self, timeout_s: float) -> None:
+        """Wait until everything queued has been pushed (or the time is up)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout_s)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._stop)
+                if self._pending is None:
+                    return
+                msg, self._pending, self._busy = self._pending, None, True
+            try:
+                code, text = self.channel.push(msg)
+            except (urllib.error.URLError, OSError) as exc:
+                code, text = "local", f"own broker did not answer ({getattr(exc, 'reason', exc)})"
+            with self._cond:
+                self.last_error = "" if code == OK else (text or code)
+                self._busy = False
+                self._cond.notify_all()
+
+
+def _differences(spec: JobSpec, me: str, mine: dict, peer: str, theirs: dict) -> list[str]:
+    diffs = []
+    if mine["mode"] != theirs.get("mode"):
+        diffs.append(f"mode differs ({me}: {mine['mode']}, {peer}: {theirs.get('mode')}); "
+                     "run --check on both sides, or on neither")
+    a, b = mine["fields"], theirs.get("fields") or {}
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+                for sub in sorted(set(a[key]) | set(b[key])):
+                    if a[key].get(sub) != b[key].get(sub):
+                        diffs.append(f"{key}.{sub} differs ({me}: {_show(a[key].get(sub))}, "
+                                     f"{peer}: {_show(b[key].get(sub))})")
+            else:
+                diffs.append(f"{key} differs ({me}: {_show(a.get(key))}, "
+                             f"{peer}: {_show(b.get(key))})")
+    va, vb = mine["versions"], theirs.get("versions") or {}
+    for dist in ("spu",):
+        if va.get(dist) != vb.get(dist):
+            diffs.append(f"{dist} version differs ({me}: {va.get(dist)}, {peer}: {vb.get(dist)}); "
+                         "install the same psi-run lock on both sides")
+    if va["psi-run"].split(".")[:2] != str(vb.get("psi-run", "")).split(".")[:2]:
+        diffs.append(f"psi-run version differs ({me}: {va['psi-run']}, "
+                     f"{peer}: {vb.get('psi-run')}); upgrade one side")
+    return diffs
+
+
+def _show(value: object) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def handshake(spec: JobSpec, me: str, timeout_s: float, mode: str = "run",
+              progress: Callable[[str], None] = lambda line: None) -> Agreement:
+    """Wait for the peer (up to ``timeout_s``) and check that it runs the same job."""
+    peer = spec.peer_of(me)
+    broker = spec.parties[me].broker
+    channel = _Channel(broker, f"{spec.job_id}.hs", me, peer)
+    nonce = secrets.token_hex(12)
+    hello = {
+        "type": "hello", "job_id": spec.job_id, "party": me, "nonce": nonce, "seen": "",
+        "mode": mode, "fields": shared_fields(spec), "digest": spec_digest(spec),
+        "versions": versions(),
+    }
+    sender = _Sender(channel)
+    sender.start()
+    sender.send(dict(hello))
+    started = time.monotonic()
+    next_progress = started + PROGRESS_EVERY_S
+    last_send = started
+    peer_nonce = ""
+    try:
+        while True:
+            now = time.monotonic()
+            waited = now - started
+            if waited > timeout_s:
+                raise PeerError(_timeout_message(spec, me, peer, timeout_s, peer_nonce, sender))
+            if now >= next_progress:
+                extra = f" ({sender.last_error})" if sender.last_error else ""
+                progress(f"waiting for {peer} at its broker (job {spec.job_id}): "
+                         f"{waited:.0f} s of {timeout_s:.0f} s{extra}")
+                next_progress += PROGRESS_EVERY_S
+            if sender.last_error and now - last_send > RESEND_EVERY_S:
+                sender.send({**hello, "seen": peer_nonce})
+                last_send = now
+            try:
+                msg = channel.pop(min(1.0, max(timeout_s - waited, 0.05)))
+            except (urllib.error.URLError, OSError) as exc:
+                raise PreflightError(
+                    f"broker {broker} of party {me} stopped answering during the handshake "
+                    f"({getattr(exc, 'reason', exc)}); check that it still runs"
+                ) from None
+            if msg is None or msg.get("type") != "hello" or msg.get("party") != peer:
+                continue
+            their_nonce = str(msg.get("nonce", ""))
+            if their_nonce != peer_nonce:
+                peer_nonce = their_nonce
+                sender.send({**hello, "seen": peer_nonce})
+                last_send = time.monotonic()
+            if msg.get("seen") != nonce:
+                continue  # not (yet) an answer to this attempt: maybe stale, maybe early
+            diffs = _differences(spec, me, hello, peer, msg)
+            sender.flush(10)  # the peer needs our answer to decide too
+            if diffs:
+                raise PeerError(f"job {spec.job_id}: " + "; ".join(diffs))
+            pair = "|".join(sorted([nonce, peer_nonce]))
+            session = f"{spec.job_id}.{hashlib.sha256(pair.encode()).hexdigest()[:20]}"
+            log.info("job %s party %s: handshake with %s done after %.1f s, session %s",
+                     spec.job_id, me, peer, time.monotonic() - started, session)
+            return Agreement(session=session, peer_versions=msg.get("versions") or {},
+                             waited_s=time.monotonic() - started)
+    finally:
+        sender.stop()
+
+
+def finish(spec: JobSpec, me: str) -> None:
+    """Drop this party's leftover control messages at its own broker."""
+    peer = spec.peer_of(me)
+    _Channel(spec.parties[me].broker, f"{spec.job_id}.hs", me, peer).release()
+
+
+def _timeout_message(spec: JobSpec, me: str, peer: str, timeout_s: float, peer_nonce: str,
+                     sender: _Sender) -> str:
+    head = f"job {spec.job_id}: {peer} did not appear within {timeout_s:.0f} s"
+    if sender.last_error:
+        return (f"{head}: {me}'s broker cannot deliver to {peer} ({sender.last_error}); check "
+                f"the route to {peer} in {me}'s route_table.json and that {peer}'s broker runs")
+    if peer_nonce:
+        return (f"{head}: {peer} was seen but never answered; check that {peer}'s broker "
+                f"routes back to {me}")
+    return (f"{head}: start `psi-run {spec.path.name} --party {peer}` on {peer}'s side, "
+            f"check that {peer}'s broker runs and routes to {me}, or raise timeout_s")
