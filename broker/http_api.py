@@ -93,7 +93,26 @@ class HttpApi:
         message = await self.d.pop(key, timeout, protocol=self.protocol)
         if message is None:
             return _answer(codes.NOT_FOUND, "no message yet")
-        return _answer(codes.OK, "", message.payload)
+        return await self._hand_over(request, key, message)
+
+    async def _hand_over(self, request: web.Request, key: QueueKey, message) -> web.StreamResponse:
+        """Answer a pop; a consumer that gave up meanwhile does not lose the message."""
+        body = TransportOutbound(payload=message.payload, code=codes.OK).SerializeToString()
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            self.d.queues.requeue(key, message)
+            log.warning("consumer of %s left before its pop was answered; message kept", key.topic)
+            raise web.HTTPRequestTimeout()
+        resp = web.StreamResponse(headers={"Content-Type": _CONTENT_TYPE})
+        resp.content_length = len(body)
+        try:
+            await resp.prepare(request)
+            await resp.write(body)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            self.d.queues.requeue(key, message)
+            log.warning("consumer of %s left while its pop was answered; message kept", key.topic)
+        return resp
 
     def _timeout(self, request: web.Request) -> float:
         raw = request.query.get("timeout")

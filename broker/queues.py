@@ -110,6 +110,11 @@ class QueueStore:
             return await asyncio.wait_for(waiter, timeout_s)
         except asyncio.TimeoutError:
             return None
+        except asyncio.CancelledError:
+            # The consumer went away; a message already handed to it goes back in front.
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                self.requeue(key, waiter.result())
+            raise
         finally:
             if not waiter.done():
                 waiter.cancel()
@@ -118,6 +123,20 @@ class QueueStore:
             except ValueError:
                 pass
             q.last_used = time.monotonic()
+
+    def requeue(self, key: QueueKey, message: Message) -> None:
+        """Put back a popped message whose consumer vanished before receiving it."""
+        q = self._get(key)
+        while q.waiters:
+            waiter = q.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(message)
+                return
+        size = len(message.payload)
+        q.messages.appendleft(message)
+        q.size += size
+        self.total_bytes += size
+        self._session_bytes[key.session] = self._session_bytes.get(key.session, 0) + size
 
     def peek(self, key: QueueKey) -> Message | None:
         """The oldest message without consuming it."""
