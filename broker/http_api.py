@@ -15,6 +15,7 @@ Outside the context path: ``GET /health`` and ``GET /metrics`` (Prometheus text)
 from __future__ import annotations
 
 import logging
+import time
 
 from aiohttp import web
 
@@ -28,6 +29,8 @@ from .queues import QueueKey
 
 log = logging.getLogger("broker.http")
 _CONTENT_TYPE = "application/x-protobuf"
+_ANSWER_MARGIN_S = 0.25
+_LATE_S = 0.5
 
 
 def _answer(code: str, message: str = "", payload: bytes = b"") -> web.Response:
@@ -90,8 +93,16 @@ class HttpApi:
             timeout = self._timeout(request)
         except (EnvelopeError, ValueError) as exc:
             return _answer(codes.BAD_REQUEST, str(exc))
-        message = await self.d.pop(key, timeout, protocol=self.protocol)
+        started = time.monotonic()
+        # Answer a little before the client's own deadline: SPU's link gives a pop of N s only
+        # N + 1 s, and a message answered after the client gave up would be lost.
+        wait = timeout - _ANSWER_MARGIN_S if timeout > 2 * _ANSWER_MARGIN_S else timeout
+        message = await self.d.pop(key, wait, protocol=self.protocol)
         if message is None:
+            return _answer(codes.NOT_FOUND, "no message yet")
+        if time.monotonic() - started > timeout + _LATE_S:
+            self.d.queues.requeue(key, message)  # the consumer has most likely given up
+            log.warning("pop of %s answered late; message kept for the next pop", key.topic)
             return _answer(codes.NOT_FOUND, "no message yet")
         return await self._hand_over(request, key, message)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from .errors import PsiRunError
 
 EXIT_INTERRUPTED = 130
+EXIT_PEER = 4
 EXIT_CRASH = 6
 EXIT_INTERNAL = 1
 
@@ -48,8 +49,22 @@ def _say(fd: int, text: str) -> None:
     os.write(fd, (text.rstrip("\n") + "\n").encode("utf-8", "replace"))
 
 
-def _child(args: argparse.Namespace, log_path: Path, out_fd: int, err_fd: int) -> int:
+def _die_with_parent(parent: int) -> None:
+    """Linux: end the child when the parent is killed (even by SIGKILL), so no orphan runs on."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(EXIT_INTERRUPTED)
+
+
+def _child(args: argparse.Namespace, log_path: Path, out_fd: int, err_fd: int,
+           parent: int) -> int:
     """Runs in the child: all output of SPU's C++ side goes to the log file."""
+    _die_with_parent(parent)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
@@ -67,8 +82,13 @@ def _child(args: argparse.Namespace, log_path: Path, out_fd: int, err_fd: int) -
         spec = load_spec(args.spec)
         for warning in spec.link.warnings():
             _say(err_fd, f"psi-run: warning: {warning}")
+        def abort(message: str) -> None:  # from a watchdog thread: SPU is blocked in C++
+            log.error("%s", message)
+            _say(err_fd, f"psi-run: {message}")
+            os._exit(EXIT_PEER)
+
         report = run_job(spec, args.party, log_path, check_only=args.check,
-                         progress=lambda line: _say(err_fd, f"psi-run: {line}"))
+                         progress=lambda line: _say(err_fd, f"psi-run: {line}"), abort=abort)
     except PsiRunError as exc:
         log.error("%s", exc, exc_info=exc.__cause__ is not None)
         _say(err_fd, f"psi-run: {exc}")
@@ -98,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.flush()
     print(f"psi-run: log file {log_path}", file=sys.stderr, flush=True)
     out_fd, err_fd = os.dup(1), os.dup(2)
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = EXIT_INTERNAL
         try:
-            code = _child(args, log_path, out_fd, err_fd)
+            code = _child(args, log_path, out_fd, err_fd, parent)
         finally:
             os._exit(code)
 

@@ -151,29 +151,41 @@ class _Sender(threading.Thread):
 
 
 def _differences(spec: JobSpec, me: str, mine: dict, peer: str, theirs: dict) -> list[str]:
+    """Every difference, worded identically at both parties (spec order of parties)."""
+    order = spec.party_names
+    if order.index(me) > order.index(peer):
+        return _differences_ordered(peer, theirs, me, mine)
+    return _differences_ordered(me, mine, peer, theirs)
+
+
+def _differences_ordered(p1: str, m1: dict, p2: str, m2: dict) -> list[str]:
+    def both(x: object, y: object) -> str:
+        return f"({p1}: {_show(x)}, {p2}: {_show(y)})"
+
     diffs = []
-    if mine["mode"] != theirs.get("mode"):
-        diffs.append(f"mode differs ({me}: {mine['mode']}, {peer}: {theirs.get('mode')}); "
+    if m1.get("mode") != m2.get("mode"):
+        diffs.append(f"mode differs {both(m1.get('mode'), m2.get('mode'))}; "
                      "run --check on both sides, or on neither")
-    a, b = mine["fields"], theirs.get("fields") or {}
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-                for sub in sorted(set(a[key]) | set(b[key])):
-                    if a[key].get(sub) != b[key].get(sub):
-                        diffs.append(f"{key}.{sub} differs ({me}: {_show(a[key].get(sub))}, "
-                                     f"{peer}: {_show(b[key].get(sub))})")
-            else:
-                diffs.append(f"{key} differs ({me}: {_show(a.get(key))}, "
-                             f"{peer}: {_show(b.get(key))})")
-    va, vb = mine["versions"], theirs.get("versions") or {}
-    for dist in ("spu",):
-        if va.get(dist) != vb.get(dist):
-            diffs.append(f"{dist} version differs ({me}: {va.get(dist)}, {peer}: {vb.get(dist)}); "
-                         "install the same psi-run lock on both sides")
-    if va["psi-run"].split(".")[:2] != str(vb.get("psi-run", "")).split(".")[:2]:
-        diffs.append(f"psi-run version differs ({me}: {va['psi-run']}, "
-                     f"{peer}: {vb.get('psi-run')}); upgrade one side")
+    a, b = m1.get("fields") or {}, m2.get("fields") or {}
+    for key in list(a) + [k for k in b if k not in a]:  # the spec's own order: protocol first
+        if key == "ecdh_curve" and a.get("protocol") != b.get("protocol"):
+            continue  # follows from the protocol difference
+        x, y = a.get(key), b.get(key)
+        if x == y:
+            continue
+        if isinstance(x, dict) and isinstance(y, dict):
+            for sub in list(x) + [k for k in y if k not in x]:
+                if x.get(sub) != y.get(sub):
+                    diffs.append(f"{key}.{sub} differs {both(x.get(sub), y.get(sub))}")
+        else:
+            diffs.append(f"{key} differs {both(x, y)}")
+    va, vb = m1.get("versions") or {}, m2.get("versions") or {}
+    if va.get("spu") != vb.get("spu"):
+        diffs.append(f"spu version differs {both(va.get('spu'), vb.get('spu'))}; "
+                     "install the same psi-run lock on both sides")
+    if str(va.get("psi-run")).split(".")[:2] != str(vb.get("psi-run")).split(".")[:2]:
+        diffs.append(f"psi-run version differs {both(va.get('psi-run'), vb.get('psi-run'))}; "
+                     "upgrade one side")
     return diffs
 
 
@@ -211,7 +223,7 @@ def handshake(spec: JobSpec, me: str, timeout_s: float, mode: str = "run",
             if now >= next_progress:
                 extra = f" ({sender.last_error})" if sender.last_error else ""
                 progress(f"waiting for {peer} at its broker (job {spec.job_id}): "
-                         f"{waited:.0f} s of {timeout_s:.0f} s{extra}")
+                         f"{next_progress - started:.0f} s of {timeout_s:.0f} s{extra}")
                 next_progress += PROGRESS_EVERY_S
             if sender.last_error and now - last_send > RESEND_EVERY_S:
                 sender.send({**hello, "seen": peer_nonce})

@@ -16,6 +16,7 @@ from .backends import embedded
 from .errors import PreflightError
 from .link import blackbox_environment
 from .spec import JobSpec
+from .watchdog import BrokerWatchdog
 
 log = logging.getLogger("psi_runner.job")
 
@@ -33,7 +34,8 @@ def preflight(spec: JobSpec, party: str) -> data.InputTable:
 
 
 def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
-            progress: Callable[[str], None] = lambda line: None) -> dict:
+            progress: Callable[[str], None] = lambda line: None,
+            abort: Callable[[str], None] | None = None) -> dict:
     """Run this party's side of the job; return the report (raises PsiRunError).
 
     With ``check_only`` it stops after preflight and the handshake (a dry run)."""
@@ -80,7 +82,11 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
         stages["prepare_s"] = time.monotonic() - t
 
         env = blackbox_environment(me.broker, spec.party_names, session, trace_id=session)
-        embedded.run(spec, party, call, env, session, stages)
+        if abort is None:
+            embedded.run(spec, party, call, env, session, stages)
+        else:
+            with BrokerWatchdog(me.broker, party, abort):
+                embedded.run(spec, party, call, env, session, stages)
 
         t = time.monotonic()
         receives = party == spec.receiver or spec.broadcast_result
