@@ -237,8 +237,12 @@ def check_output_location(path: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        # "File exists" / "Not a directory" do not say what is in the way: name the file.
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()),
+                       None)
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror
         raise PreflightError(
-            f"{where}: cannot create folder {folder} ({exc.strerror}); choose another output path"
+            f"{where}: cannot create folder {folder} ({reason}); choose another output path"
         ) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PreflightError(

@@ -57,6 +57,8 @@ class Agreement:
     session: str  # SPU link session id, fresh per attempt and identical at both parties
     peer_versions: dict[str, str]
     waited_s: float
+    nonce: str = ""
+    peer_nonce: str = ""
 
 
 class _Channel:
@@ -253,9 +255,15 @@ def handshake(spec: JobSpec, me: str, timeout_s: float, mode: str = "run",
             log.info("job %s party %s: handshake with %s done after %.1f s, session %s",
                      spec.job_id, me, peer, time.monotonic() - started, session)
             return Agreement(session=session, peer_versions=msg.get("versions") or {},
-                             waited_s=time.monotonic() - started)
+                             waited_s=time.monotonic() - started, nonce=nonce,
+                             peer_nonce=peer_nonce)
     finally:
         sender.stop()
+
+
+def control_channel(spec: JobSpec, me: str) -> _Channel:
+    """The control channel of a job (HELLOs, then heartbeats and abort notices)."""
+    return _Channel(spec.parties[me].broker, f"{spec.job_id}.hs", me, spec.peer_of(me))
 
 
 def finish(spec: JobSpec, me: str) -> None:

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 from . import __version__, broker_client, data, handshake
 from .backends import embedded
-from .errors import PreflightError
+from .errors import PreflightError, PsiRunError
 from .link import blackbox_environment
 from .spec import JobSpec
-from .watchdog import BrokerWatchdog
+from .watchdog import JobWatchdog
 
 log = logging.getLogger("psi_runner.job")
 
@@ -85,8 +85,17 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
         if abort is None:
             embedded.run(spec, party, call, env, session, stages)
         else:
-            with BrokerWatchdog(me.broker, party, abort):
-                embedded.run(spec, party, call, env, session, stages)
+            def stop_job(message: str) -> None:  # the process ends inside abort()
+                shutil.rmtree(work, ignore_errors=True)
+                broker_client.release_session(me.broker, session, party)
+                abort(message)
+
+            with JobWatchdog(spec, party, agreed, stop_job) as watchdog:
+                try:
+                    embedded.run(spec, party, call, env, session, stages)
+                except PsiRunError as exc:
+                    watchdog.notify_failure(f"{party}: {exc}")
+                    raise
 
         t = time.monotonic()
         receives = party == spec.receiver or spec.broadcast_result
@@ -104,6 +113,7 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
     finally:
         shutil.rmtree(work, ignore_errors=True)
         broker_client.release_session(me.broker, session, party)
+        handshake.finish(spec, party)
 
     stages["total_s"] = time.monotonic() - started
     return {

@@ -1,55 +1,123 @@
-"""Stop a PSI whose own broker has gone away, instead of letting SPU poll it for 20 minutes.
+"""Watch a running PSI from outside SPU: our broker, and the peer's heartbeats.
 
-SPU's blackbox link retries a vanished broker in a tight loop until its receive timeout; a
-background thread here checks the broker and ends the job with a readable line instead.
+SPU blocks in C++ until its receive timeout (20 minutes by default) when the other side is
+gone, and its blackbox link polls a vanished broker in a tight loop. A background thread here
+ends the job with one readable line instead when
+
+* our own broker stays unreachable for ``broker_grace_s``;
+* the peer sends an abort notice (its side of the job failed), or
+* the peer's heartbeats stop for ``peer_silence_s`` (its process died).
+
+Heartbeats and notices travel on the job's control channel and carry both handshake nonces,
+so messages of other runs are never taken for this peer's.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import urllib.error
 from collections.abc import Callable
 
 from .broker_client import check_broker
 from .errors import PreflightError
+from .handshake import Agreement, control_channel
+from .spec import JobSpec
 
 log = logging.getLogger("psi_runner.watchdog")
 
+BEAT_EVERY_S = 3.0
 
-class BrokerWatchdog:
-    """Calls ``abort(message)`` when the broker stays unreachable for ``grace_s``."""
 
-    def __init__(self, broker: str, party: str, abort: Callable[[str], None],
-                 grace_s: float = 20.0, every_s: float = 2.0) -> None:
-        self.broker = broker
-        self.party = party
+class JobWatchdog:
+    """Calls ``abort(message)`` (from its thread) when the job cannot finish."""
+
+    def __init__(self, spec: JobSpec, me: str, agreed: Agreement, abort: Callable[[str], None],
+                 broker_grace_s: float = 20.0, peer_silence_s: float | None = None) -> None:
+        if peer_silence_s is None:
+            peer_silence_s = float(os.environ.get("PSI_RUN_PEER_SILENCE_S", "90"))
+        self.spec = spec
+        self.me = me
+        self.peer = spec.peer_of(me)
+        self.agreed = agreed
         self.abort = abort
-        self.grace_s = grace_s
-        self.every_s = every_s
+        self.broker_grace_s = broker_grace_s
+        self.peer_silence_s = peer_silence_s
+        self.channel = control_channel(spec, me)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="broker-watchdog")
+        self._threads = [
+            threading.Thread(target=self._watch, daemon=True, name="job-watchdog"),
+            threading.Thread(target=self._beat, daemon=True, name="job-heartbeat"),
+        ]
 
-    def __enter__(self) -> BrokerWatchdog:
-        self._thread.start()
+    def __enter__(self) -> JobWatchdog:
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(5)
 
-    def _run(self) -> None:
-        down_since: float | None = None
-        while not self._stop.wait(self.every_s):
+    def _message(self, kind: str, **extra: str) -> dict:
+        return {"type": kind, "party": self.me, "nonce": self.agreed.nonce,
+                "to": self.agreed.peer_nonce, **extra}
+
+    def notify_failure(self, reason: str) -> None:
+        """Tell the peer our side failed, so it stops now instead of at its timeout."""
+        try:
+            self.channel.push(self._message("abort", reason=reason[:500]))
+        except (urllib.error.URLError, OSError):
+            log.warning("could not tell %s that the job failed", self.peer)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(BEAT_EVERY_S):
             try:
-                check_broker(self.broker, self.party, timeout_s=self.every_s)
-                down_since = None
-            except PreflightError as exc:
-                now = time.monotonic()
-                down_since = down_since or now
-                log.warning("broker check failed: %s", exc)
-                if now - down_since >= self.grace_s and not self._stop.is_set():
-                    self.abort(f"broker {self.broker} of party {self.party} stopped answering "
-                               f"during the PSI ({self.grace_s:.0f} s); the job was stopped and "
-                               "no result was written; restart the broker and run the job again")
-                    return
+                self.channel.push(self._message("beat"))
+            except (urllib.error.URLError, OSError):
+                pass  # the broker check reports a dead broker
+
+    def _fire(self, message: str) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            self.abort(message)
+
+    def _watch(self) -> None:
+        broker_down: float | None = None
+        peer_seen = time.monotonic()
+        next_check = time.monotonic()
+        job = self.spec.job_id
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + 2.0
+                try:
+                    check_broker(self.spec.parties[self.me].broker, self.me, timeout_s=2.0)
+                    broker_down = None
+                except PreflightError as exc:
+                    broker_down = broker_down or now
+                    log.warning("broker check failed: %s", exc)
+                    if now - broker_down >= self.broker_grace_s:
+                        return self._fire(
+                            f"job {job}: the broker of {self.me} stopped answering during the "
+                            "PSI; the job was stopped and no result was written; restart the "
+                            "broker and run the job again")
+            if now - peer_seen > self.peer_silence_s:
+                return self._fire(
+                    f"job {job}: no sign of {self.peer} for {self.peer_silence_s:.0f} s during "
+                    f"the PSI (its process or the link between the brokers is gone); no result "
+                    "was written; check its log and run the job again")
+            try:
+                msg = self.channel.pop(1.0)
+            except (urllib.error.URLError, OSError):
+                time.sleep(1.0)
+                continue
+            if not msg or msg.get("nonce") != self.agreed.peer_nonce:
+                continue  # another run's message
+            if msg.get("to") != self.agreed.nonce:
+                continue
+            peer_seen = time.monotonic()
+            if msg.get("type") == "abort":
+                return self._fire(f"job {job}: {self.peer} stopped the job: "
+                                  f"{msg.get('reason', 'no reason given')}")

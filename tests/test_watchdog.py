@@ -1,0 +1,56 @@
+"""A side that dies or loses its broker after the handshake ends both runs quickly."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+from conftest import make_ids, write_csv, write_spec
+from psi_runner.localnet import BIN
+
+
+def _start(spec, party, env=None):
+    return subprocess.Popen(
+        [str(BIN / "psi-run"), str(spec), "--party", party, "--log-dir", str(spec.parent / "logs")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _wait_for(predicate, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_peer_killed_after_handshake_ends_the_other_side_readably(tmp_path, brokers):
+    rng = random.Random(2)
+    write_csv(tmp_path / "data/alice.csv", {"uid": make_ids(2000, "a", rng)})
+    # bob's input needs the slow path (non-ASCII keys), so bob is busy for a while after the
+    # handshake: that is when it gets killed.
+    write_csv(tmp_path / "data/bob.csv", {"uid": [f"ü{i}" for i in range(400_000)]})
+    spec = write_spec(tmp_path, brokers, protocol="ECDH")
+    env = {"PSI_RUN_PEER_SILENCE_S": "15"}
+    a = _start(spec, "alice", env)
+    b = _start(spec, "bob", env)
+    assert _wait_for(lambda: "handshake with alice done" in _log(tmp_path, "bob"), 60)
+    os.killpg(b.pid, signal.SIGKILL)
+    b.wait()
+    t = time.monotonic()
+    out, err = a.communicate(timeout=120)
+    assert time.monotonic() - t < 60
+    assert a.returncode == 4, err
+    assert "no sign of bob for 15 s" in err and "Traceback" not in err
+    assert not (tmp_path / "out/alice_psi.csv").exists()
+    assert not list((tmp_path / "out").glob(".psi-run-alice-*"))  # no leftovers of alice
+
+
+def _log(folder, party) -> str:
+    logs = list((folder / "logs").glob(f"*-{party}-*.log"))
+    return logs[0].read_text(errors="replace") if logs else ""
