@@ -64,6 +64,7 @@ def _context_path(text: str) -> str:
 _KEYS: dict[str, tuple[str, object]] = {
     "grpc.port": ("grpc_port", _port),
     "bind.host": ("bind_host", str.strip),
+    "tls.bind.host": ("tls_bind_host", str.strip),  # psi-run addition
     "open.grpc.tls.server": ("open_grpc_tls_server", _bool),
     "grpc.tls.port": ("grpc_tls_port", _port),
     "open.http.server": ("open_http_server", _bool),
@@ -127,6 +128,7 @@ class BrokerConfig:
     conf_dir: Path
     grpc_port: int = 9370
     bind_host: str = "0.0.0.0"
+    tls_bind_host: str | None = None  # TLS listeners (grpc.tls.port, https.port); None: bind_host
     open_grpc_tls_server: bool = False
     grpc_tls_port: int | None = None
     open_http_server: bool = False

@@ -6,6 +6,7 @@ flow log behave the same whichever protocol a message arrived on.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections import Counter
@@ -100,10 +101,13 @@ class Dispatcher:
         if env.hops > self.cfg.relay_max_hops:
             return codes.HOP_LIMIT, f"message passed {env.hops} brokers; check for a route loop"
         table = self.routes.table
-        if from_network and not (
-            table.knows(env.source_node) or DEFAULT_PARTY in table.routes
-        ):
+        if not from_network:
+            return None, ""
+        if not (table.knows(env.source_node) or DEFAULT_PARTY in table.routes):
             return codes.UNAUTHORIZED, f"source node {env.source_node!r} is not in the route table"
+        expected = self.cfg.auth_token
+        if expected and not hmac.compare_digest(env.token.encode(), expected.encode()):
+            return codes.UNAUTHORIZED, "x-ptp-token missing or wrong"
         return None, ""
 
     async def pop(self, key: QueueKey, timeout_s: float, *, protocol: str) -> Message | None:

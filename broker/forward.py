@@ -11,6 +11,7 @@ import asyncio
 import logging
 import ssl
 import time
+from dataclasses import replace
 
 import aiohttp
 import grpc
@@ -25,6 +26,10 @@ log = logging.getLogger("broker.forward")
 
 class _Unreachable(Exception):
     """The next hop did not answer at all (connection refused, reset, timeout)."""
+
+
+class _BadRoute(Exception):
+    """The route's TLS settings cannot work; the sender is told at once, no retries."""
 
 
 def _read(path: str | None) -> bytes | None:
@@ -45,6 +50,11 @@ class _GrpcHop:
         ]
         target = f"{route.ip}:{route.port}"
         if route.use_ssl:
+            if bool(route.cert_chain_file) != bool(route.private_key_file):
+                # gRPC's C core aborts the whole process on a certificate without its key.
+                raise _BadRoute(
+                    "certChainFile and privateKeyFile must be given together (client certificate)"
+                )
             creds = grpc.ssl_channel_credentials(
                 root_certificates=_read(route.ca_file),
                 private_key=_read(route.private_key_file),
@@ -150,14 +160,15 @@ class Forwarder:
         last_error = ""
         while True:
             for route in routes:
+                hop_env = replace(env, token=route.token) if route.token else env
                 try:
                     code, message = await self._hop(route).send(
-                        env, payload, self.call_timeout_s
+                        hop_env, payload, self.call_timeout_s
                     )
                     return code, message, route
                 except _Unreachable as exc:
                     last_error = f"{route.target}: {exc}"
-                except OSError as exc:  # e.g. a TLS file that went missing
+                except (OSError, _BadRoute) as exc:  # e.g. a TLS file that went missing
                     return codes.INTERNAL, f"{route.target}: {exc}", route
             if time.monotonic() + delay > deadline:
                 return (

@@ -72,6 +72,8 @@ class QueueStore:
                 waiter.set_result(message)
                 q.pushed += 1
                 return codes.OK, 0
+        if size > min(self.max_total_bytes, self.max_session_bytes):
+            return codes.TOO_LARGE, len(q.messages)  # could never fit: retrying is pointless
         session_bytes = self._session_bytes.get(key.session, 0)
         if size > 0 and (
             self.total_bytes + size > self.max_total_bytes

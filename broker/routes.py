@@ -37,6 +37,7 @@ _ROUTE_KEYS = {
     "privateKeyFile",
     "caFile",
     "negotiationType",
+    "token",
 }
 # OSX's Java keystore variant: accepted (so an OSX table loads) but unusable here.
 _KEYSTORE_KEYS = {
@@ -61,6 +62,7 @@ class Route:
     cert_chain_file: str | None = None
     private_key_file: str | None = None
     ca_file: str | None = None
+    token: str | None = field(default=None, repr=False)  # sent as x-ptp-token on this route
 
     @property
     def target(self) -> str:
@@ -177,6 +179,10 @@ def _parse_route(
     if not isinstance(use_ssl, bool):
         problems.append(f"{path}.useSSL: must be true or false")
         use_ssl = False
+    token = entry.get("token")
+    if token is not None and (not isinstance(token, str) or not token):
+        problems.append(f"{path}.token: must be a non-empty string")
+        token = None
     files = {}
     for key in ("certChainFile", "privateKeyFile", "caFile"):
         value = entry.get(key)
@@ -207,6 +213,7 @@ def _parse_route(
             cert_chain_file=files.get("certChainFile"),
             private_key_file=files.get("privateKeyFile"),
             ca_file=files.get("caFile"),
+            token=token,
         )
     if protocol != "grpc":
         problems.append(f"{path}.protocol: must be grpc or http, got {protocol!r}")
@@ -232,6 +239,7 @@ def _parse_route(
         cert_chain_file=files.get("certChainFile"),
         private_key_file=files.get("privateKeyFile"),
         ca_file=files.get("caFile"),
+        token=token,
     )
 
 

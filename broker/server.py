@@ -51,15 +51,16 @@ class Broker:
     async def start(self) -> None:
         cfg = self.cfg
         host = cfg.bind_host
+        tls_host = cfg.tls_bind_host or host  # tls.bind.host: only the TLS ports face outside
         server = grpc.aio.server(options=server_options(self.dispatcher))
         add_services(server, self.dispatcher)
         port = _bind(server.add_insecure_port, host, cfg.grpc_port, "grpc.port")
         self.addresses["grpc"] = f"{host}:{port}"
         if cfg.open_grpc_tls_server:
             creds = tls.grpc_server_credentials(cfg)
-            port = _bind(lambda a: server.add_secure_port(a, creds), host, cfg.grpc_tls_port,
-                         "grpc.tls.port")
-            self.addresses["grpcs"] = f"{host}:{port}"
+            port = _bind(lambda a: server.add_secure_port(a, creds), tls_host,
+                         cfg.grpc_tls_port, "grpc.tls.port")
+            self.addresses["grpcs"] = f"{tls_host}:{port}"
         await server.start()
         self._grpc = server
 
@@ -67,7 +68,7 @@ class Broker:
             self.addresses["http"] = await self._start_http(host, cfg.http_port or 0, None)
         if cfg.open_https_server:
             self.addresses["https"] = await self._start_http(
-                host, cfg.https_port or 0, tls.https_context(cfg)
+                tls_host, cfg.https_port or 0, tls.https_context(cfg)
             )
         self._tasks = [
             asyncio.create_task(self._every(cfg.route_reload_interval_ms, self.dispatcher.reload_routes)),

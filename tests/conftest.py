@@ -32,7 +32,8 @@ def brokers(tmp_path: Path, request):
 
 
 def make_ids(n: int, prefix: str, rng: random.Random) -> list[str]:
-    return [f"{prefix}{rng.randrange(10**9):09d}" for _ in range(n)]
+    """``n`` distinct ids (distinct within one call)."""
+    return [f"{prefix}{k:09d}" for k in rng.sample(range(10**9), n)]
 
 
 def write_csv(path: Path, columns: dict[str, list[str]]) -> None:
