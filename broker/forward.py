@@ -32,6 +32,33 @@ class _BadRoute(Exception):
     """The route's TLS settings cannot work; the sender is told at once, no retries."""
 
 
+def _check_client_tls(route: Route, key_in_cert_ok: bool = False) -> None:
+    """Read the route's PEM files with Python's ssl, naming the file that is wrong.
+
+    gRPC's C core aborts the whole broker on a certificate without its key (or an empty key
+    file) and reports an unreadable key only as an unreachable peer. For HTTP routes the key
+    may sit in the certChainFile (``key_in_cert_ok``), as Python's ssl allows.
+    """
+    if route.private_key_file and not route.cert_chain_file:
+        raise _BadRoute("privateKeyFile needs certChainFile (the client certificate)")
+    if route.cert_chain_file and not route.private_key_file and not key_in_cert_ok:
+        raise _BadRoute("certChainFile needs privateKeyFile (the client certificate's key)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if route.ca_file:
+        try:
+            ctx.load_verify_locations(cafile=route.ca_file)
+        except ssl.SSLError as exc:
+            raise _BadRoute(f"caFile {route.ca_file}: no usable PEM certificate ({exc})") from None
+    if route.cert_chain_file:
+        try:
+            ctx.load_cert_chain(route.cert_chain_file, route.private_key_file)
+        except ssl.SSLError as exc:
+            raise _BadRoute(
+                f"certChainFile {route.cert_chain_file} / privateKeyFile "
+                f"{route.private_key_file}: not a PEM certificate and its matching key ({exc})"
+            ) from None
+
+
 def _read(path: str | None) -> bytes | None:
     if not path:
         return None
@@ -50,11 +77,7 @@ class _GrpcHop:
         ]
         target = f"{route.ip}:{route.port}"
         if route.use_ssl:
-            if bool(route.cert_chain_file) != bool(route.private_key_file):
-                # gRPC's C core aborts the whole process on a certificate without its key.
-                raise _BadRoute(
-                    "certChainFile and privateKeyFile must be given together (client certificate)"
-                )
+            _check_client_tls(route)
             creds = grpc.ssl_channel_credentials(
                 root_certificates=_read(route.ca_file),
                 private_key=_read(route.private_key_file),
@@ -88,6 +111,7 @@ class _HttpHop:
         self.url = route.url or ""
         ssl_ctx: ssl.SSLContext | bool = False
         if route.use_ssl:
+            _check_client_tls(route, key_in_cert_ok=True)
             ssl_ctx = ssl.create_default_context(cafile=route.ca_file)
             if route.cert_chain_file:
                 ssl_ctx.load_cert_chain(route.cert_chain_file, route.private_key_file)

@@ -213,7 +213,11 @@ def parse_spec(text: str, spec_path: Path) -> JobSpec:
 
 def _keys(value: Any, problems: list[str]) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
-        problems.append("keys: required, a list of key column names, e.g. keys: [uid]")
+        if value is None:
+            problems.append("keys: required, a list of key column names, e.g. keys: [uid]")
+        else:
+            problems.append(f"keys: must be a list of key column names, e.g. keys: [uid], "
+                            f"got {value!r}")
         return ()
     keys: list[str] = []
     for i, item in enumerate(value):

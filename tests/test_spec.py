@@ -257,7 +257,7 @@ def test_missing_required_keys(tmp_path: Path) -> None:
 
 def test_keys_must_be_a_list(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, VALID.replace("keys: [uid]", "keys: uid"))
-    assert problems == ["keys: required, a list of key column names, e.g. keys: [uid]"]
+    assert problems == ["keys: must be a list of key column names, e.g. keys: [uid], got 'uid'"]
 
 
 def test_keys_listed_twice(tmp_path: Path) -> None:
