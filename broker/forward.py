@@ -53,9 +53,10 @@ def _check_client_tls(route: Route, key_in_cert_ok: bool = False) -> None:
         try:
             ctx.load_cert_chain(route.cert_chain_file, route.private_key_file)
         except ssl.SSLError as exc:
+            key = route.private_key_file or "(none: expected in the certChainFile)"
             raise _BadRoute(
-                f"certChainFile {route.cert_chain_file} / privateKeyFile "
-                f"{route.private_key_file}: not a PEM certificate and its matching key ({exc})"
+                f"certChainFile {route.cert_chain_file}, privateKeyFile {key}: "
+                f"not a PEM certificate and its matching key ({exc})"
             ) from None
 
 

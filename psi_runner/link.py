@@ -17,7 +17,11 @@ LINK_DEFAULTS: dict[str, Any] = {
     "recv_timeout_ms": 1_200_000,
     "http_timeout_ms": 1_200_000,
     "http_max_payload_size": 1024 * 1024,
-    "throttle_window_size": 10,
+    # 0 turns off yacl's send window. With it on, a sender waits for acks that the peer sends only
+    # when its protocol code reads a message; protocols that read in another order than they
+    # send (ECDH runs three flows at once) can then wait on each other for ever. Seen through
+    # the brokers under load: both sides stuck until the receive timeout.
+    "throttle_window_size": 0,
     "brpc_channel_protocol": "http",
     "brpc_channel_connection_type": "pooled",
 }

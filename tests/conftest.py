@@ -88,6 +88,7 @@ def assert_same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
 
 
 def run_ok(spec: Path, parties: list[str], **kw) -> list[dict]:
+    kw.setdefault("timeout_s", 240)  # test jobs take seconds; a hang should fail fast
     results = run_parties(spec, parties, **kw)
     for p, r in zip(parties, results):
         assert r.returncode == 0, f"{p} failed ({r.returncode}): {r.stderr}"

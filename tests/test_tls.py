@@ -14,6 +14,7 @@ import json
 import random
 import socket
 import ssl
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,8 +29,15 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from broker import codes
 from broker.config import load_config
 from broker.proto import http_ptp_pb2, ptp_pb2, ptp_pb2_grpc
-from conftest import assert_same_rows, expected_rows, make_ids, read_result, run_ok, write_csv, \
-    write_spec
+from conftest import (
+    assert_same_rows,
+    expected_rows,
+    make_ids,
+    read_result,
+    run_ok,
+    write_csv,
+    write_spec,
+)
 from psi_runner.localnet import LocalBroker
 
 SERVERS = ("alice", "bob", "carol")
@@ -361,3 +369,34 @@ def test_tls_bind_host_defaults_to_bind_host(tmp_path):
     (conf / "broker.properties").write_text("bind.host=127.0.0.1\ntls.bind.host = 10.1.2.3\n")
     cfg = load_config(conf)
     assert cfg.tls_bind_host == "10.1.2.3" and not cfg.unknown_keys
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unusable_client_certificate_on_a_route_is_named_and_the_broker_keeps_running(
+        tmp_path, pki, protocol):
+    # A gRPC route with certChainFile but no privateKeyFile used to abort the whole broker
+    # (an assertion in gRPC's C core); now the sender is told at once which file is wrong.
+    bob = LocalBroker("bob", tmp_path / "broker-bob", _tls_properties(pki, "bob"))
+    bob.write_config({"alice": {"default": [{"ip": "127.0.0.1", "port": 1}]}})
+    bob.start()
+    alice = LocalBroker("alice", tmp_path / "broker-alice", _tls_properties(pki, "alice"))
+    try:
+        good = _tls_route(pki, bob, protocol)
+        bad = [{k: v for k, v in good[0].items() if k != "privateKeyFile"}]
+        if protocol == "http":  # over HTTP the key may sit in the certificate file; it does not
+            bad[0]["certChainFile"] = pki["client.crt"]
+        alice.write_config({"bob": {"default": bad}})
+        alice.start()
+        r = _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"x")
+        assert r.code == codes.INTERNAL, r.message
+        assert "certChainFile" in r.message and "privateKeyFile" in r.message, r.message
+        assert alice.proc.poll() is None and alice.health()["self_party"] == ["alice"]
+        alice.write_routes({"bob": {"default": good}})  # fixed by a hot reload
+        deadline = time.monotonic() + 10
+        while (r := _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"y")).code != codes.OK:
+            assert time.monotonic() < deadline, r.message
+            time.sleep(0.1)
+        assert _http(bob, "pop", _hdr("k1", "t", "bob"), query="?timeout=5").payload == b"y"
+    finally:
+        alice.stop()
+        bob.stop()
