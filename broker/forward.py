@@ -75,6 +75,7 @@ class _GrpcHop:
             ("grpc.http2.lookahead_bytes", window),
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.enable_http_proxy", 0),  # peers are reached directly, never via http_proxy
         ]
         target = f"{route.ip}:{route.port}"
         if route.use_ssl:

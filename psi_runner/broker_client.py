@@ -9,6 +9,16 @@ import urllib.request
 from .errors import PreflightError
 
 
+# The broker is this party's own, usually on loopback: never send its traffic through an
+# HTTP proxy that the environment (http_proxy, ...) may name.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def urlopen(request: urllib.request.Request | str, timeout: float):
+    """urllib's urlopen without proxies."""
+    return _OPENER.open(request, timeout=timeout)
+
+
 def _url(broker: str, path: str) -> str:
     return f"http://{broker}{path}"
 
@@ -16,7 +26,7 @@ def _url(broker: str, path: str) -> str:
 def check_broker(broker: str, party: str, timeout_s: float = 5.0) -> dict:
     """Make sure our broker answers and serves ``party``; return its health document."""
     try:
-        with urllib.request.urlopen(_url(broker, "/health"), timeout=timeout_s) as resp:
+        with urlopen(_url(broker, "/health"), timeout=timeout_s) as resp:
             health = json.loads(resp.read().decode("utf-8"))
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -43,7 +53,7 @@ def release_session(broker: str, session: str, party: str, timeout_s: float = 5.
         headers={"x-ptp-session-id": session, "x-ptp-source-node-id": party},
     )
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s):
+        with urlopen(req, timeout=timeout_s):
             pass
     except (urllib.error.URLError, OSError):
         pass

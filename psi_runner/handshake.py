@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from . import __version__
+from .broker_client import urlopen
 from .digest import shared_fields, spec_digest
 from .errors import PeerError, PreflightError
 from .spec import JobSpec
@@ -75,7 +76,7 @@ class _Channel:
 
         req = urllib.request.Request(self.base + op, data=body, method="POST", headers={
             "x-ptp-session-id": self.session, **headers})
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        with urlopen(req, timeout=timeout_s) as resp:
             out = TransportOutbound()
             out.ParseFromString(resp.read())
             return out

@@ -14,9 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .broker_client import urlopen
 
 BIN = Path(sys.executable).parent
 
@@ -84,7 +85,7 @@ class LocalBroker:
         self.addresses = json.loads(ready.read_text(encoding="utf-8"))
 
     def health(self) -> dict:
-        with urllib.request.urlopen(f"http://{self.http}/health", timeout=5) as resp:
+        with urlopen(f"http://{self.http}/health", timeout=5) as resp:
             return json.loads(resp.read())
 
     def wait_routes(self, parties: list[str], timeout_s: float = 10.0) -> None:

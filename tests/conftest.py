@@ -8,8 +8,13 @@ import random
 from pathlib import Path
 
 import pandas as pd
+import urllib.request
+
 import pytest
 import yaml
+
+from broker.proto import http_ptp_pb2
+from psi_runner.broker_client import urlopen
 
 from psi_runner.localnet import LocalBroker, run_parties, start_pair
 
@@ -94,3 +99,22 @@ def run_ok(spec: Path, parties: list[str], **kw) -> list[dict]:
         assert r.returncode == 0, f"{p} failed ({r.returncode}): {r.stderr}"
         assert "Traceback" not in r.stderr
     return [json.loads(r.stdout) for r in results]
+
+
+def _http(broker: LocalBroker, op: str, headers: dict, body: bytes = b"", query: str = ""):
+    req = urllib.request.Request(
+        f"http://{broker.http}/v1/interconn/chan/{op}{query}", data=body, method="POST",
+        headers=headers,
+    )
+    with urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+        out = http_ptp_pb2.TransportOutbound()
+        out.ParseFromString(resp.read())
+        return out
+
+
+def _hdr(session, topic, source, target=""):
+    h = {"x-ptp-session-id": session, "x-ptp-topic": topic, "x-ptp-source-node-id": source}
+    if target:
+        h["x-ptp-target-node-id"] = target
+    return h

@@ -5,33 +5,14 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-import urllib.request
 
 import grpc
 import pytest
 
 from broker import codes
-from broker.proto import http_ptp_pb2, ptp_pb2, ptp_pb2_grpc
+from broker.proto import ptp_pb2, ptp_pb2_grpc
+from conftest import _hdr, _http
 from psi_runner.localnet import BIN, LocalBroker, start_pair
-
-
-def _http(broker: LocalBroker, op: str, headers: dict, body: bytes = b"", query: str = ""):
-    req = urllib.request.Request(
-        f"http://{broker.http}/v1/interconn/chan/{op}{query}", data=body, method="POST",
-        headers=headers,
-    )
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        assert resp.status == 200
-        out = http_ptp_pb2.TransportOutbound()
-        out.ParseFromString(resp.read())
-        return out
-
-
-def _hdr(session, topic, source, target=""):
-    h = {"x-ptp-session-id": session, "x-ptp-topic": topic, "x-ptp-source-node-id": source}
-    if target:
-        h["x-ptp-target-node-id"] = target
-    return h
 
 
 @pytest.mark.parametrize("brokers", ["grpc", "http"], indirect=True)

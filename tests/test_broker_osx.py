@@ -16,6 +16,8 @@ from broker import codes
 from broker.proto import ptp_pb2, ptp_pb2_grpc
 from broker.queues import Message, QueueKey, QueueStore
 from conftest import (
+    _hdr,
+    _http,
     assert_same_rows,
     expected_rows,
     read_result,
@@ -24,7 +26,6 @@ from conftest import (
     write_spec,
 )
 from psi_runner.localnet import LocalBroker, route_to, start_pair
-from test_broker import _hdr, _http
 
 FLOW_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\|(http|https|grpc|grpcs|-)\|\d+_\d+\|[A-Z_]+\|"

@@ -28,8 +28,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker import codes
 from broker.config import load_config
-from broker.proto import http_ptp_pb2, ptp_pb2, ptp_pb2_grpc
+from broker.proto import ptp_pb2, ptp_pb2_grpc
 from conftest import (
+    _hdr,
+    _http,
     assert_same_rows,
     expected_rows,
     make_ids,
@@ -210,25 +212,6 @@ def _open(url_or_req, ctx: ssl.SSLContext | None = None):
     if ctx is not None:
         handlers.append(urllib.request.HTTPSHandler(context=ctx))
     return urllib.request.build_opener(*handlers).open(url_or_req, timeout=10)
-
-
-def _http(broker: LocalBroker, op: str, headers: dict, body: bytes = b"", query: str = ""):
-    req = urllib.request.Request(
-        f"http://{broker.http}/v1/interconn/chan/{op}{query}", data=body, method="POST",
-        headers=headers,
-    )
-    with _open(req) as resp:
-        assert resp.status == 200
-        out = http_ptp_pb2.TransportOutbound()
-        out.ParseFromString(resp.read())
-        return out
-
-
-def _hdr(session, topic, source, target=""):
-    h = {"x-ptp-session-id": session, "x-ptp-topic": topic, "x-ptp-source-node-id": source}
-    if target:
-        h["x-ptp-target-node-id"] = target
-    return h
 
 
 def _grpc_invoke(address: str, pki: dict[str, str], client: str | None, session: str,
