@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     desc.connect_retry_interval_ms = 1000
     desc.recv_timeout_ms = 1_200_000
     desc.http_timeout_ms = 1_200_000
+    # As psi-run: SPU's default send window (10) can deadlock a PSI (seen here on this very
+    # direct link: both processes idle, connected, until the receive timeout).
+    desc.throttle_window_size = 0
 
     t0 = time.monotonic()
     lctx = link.create_brpc(desc, args.rank)
