@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def _say(fd: int, text: str) -> None:
     os.write(fd, (text.rstrip("\n") + "\n").encode("utf-8", "replace"))
 
 
+def _preload_spu() -> None:
+    try:
+        import spu.libspu.link  # noqa: F401
+        import spu.psi  # noqa: F401
+    except Exception:  # noqa: BLE001 - the real import reports any problem in context
+        pass
+
+
 def _die_with_parent(parent: int) -> None:
     """Linux: end the child when the parent is killed (even by SIGKILL), so no orphan runs on."""
     try:
@@ -75,6 +84,10 @@ def _child(args: argparse.Namespace, log_path: Path, out_fd: int, err_fd: int,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True,
     )
     log = logging.getLogger("psi_runner.cli")
+    if not args.check:
+        # SPU takes most of a second to import; do it while the spec, the input file and the
+        # peer are being checked (the PSI's own `import spu` then finds it done).
+        threading.Thread(target=_preload_spu, daemon=True, name="preload-spu").start()
     try:
         from .job import run_job
         from .spec import load_spec

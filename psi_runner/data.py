@@ -36,6 +36,11 @@ log = logging.getLogger("psi_runner.data")
 KEY_COLUMN = "psi_key"
 ROW_COLUMN = "psi_row"
 _PLAIN_KEY = r"^[ !#-+\x2d-}]+$"  # printable ASCII except '"', ',' and '~'
+# Bytes a plain file may hold anywhere: the plain key alphabet, plus ',' and '\n'.
+_PLAIN_BYTES = np.zeros(256, dtype=bool)
+_PLAIN_BYTES[0x20:0x7F] = True
+_PLAIN_BYTES[[ord('"'), ord("~")]] = False
+_PLAIN_BYTES[ord("\n")] = True
 _HEX = np.array([list(f"{i:02x}".encode()) for i in range(256)], dtype=np.uint8)
 
 
@@ -120,7 +125,8 @@ def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = Fa
 
     if not allow_duplicates:
         _check_duplicates(table, keys, where)
-    plain = len(keys) == 1 and not bom and _plain_file(body) and _plain_keys(table[keys[0]])
+    plain = (len(keys) == 1 and not bom and _plain_file(body)
+             and _plain_keys(table[keys[0]], _PLAIN_BYTES[np.frombuffer(body, np.uint8)].all()))
     return InputTable(path=path, columns=header, table=table, plain=plain)
 
 
@@ -129,9 +135,11 @@ def _plain_file(body: bytes) -> bool:
     return b'"' not in body and b"\r" not in body and b"\0" not in body
 
 
-def _plain_keys(column: pa.ChunkedArray) -> bool:
+def _plain_keys(column: pa.ChunkedArray, plain_bytes: bool) -> bool:
     if pc.min(pc.binary_length(column)).as_py() == 0:
         return False  # an empty key is encoded ("~"), so the raw file cannot be used
+    if plain_bytes:
+        return True  # every byte of the file is in the plain alphabet (or a separator)
     return bool(pc.all(pc.match_substring_regex(column, _PLAIN_KEY)).as_py())
 
 
