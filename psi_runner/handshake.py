@@ -282,5 +282,6 @@ def _timeout_message(spec: JobSpec, me: str, peer: str, timeout_s: float, peer_n
     if peer_nonce:
         return (f"{head}: {peer} was seen but never answered; check that {peer}'s broker "
                 f"routes back to {me}")
-    return (f"{head}: start `psi-run {spec.path.name} --party {peer}` on {peer}'s side, "
-            f"check that {peer}'s broker runs and routes to {me}, or raise timeout_s")
+    return (f"{head}: start `psi-run {spec.path.name} --party {peer}` on {peer}'s side with "
+            f"the same job_id, check that {peer}'s broker runs and routes to {me}, or raise "
+            "timeout_s")

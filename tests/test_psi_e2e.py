@@ -130,3 +130,15 @@ def test_traffic_goes_through_both_brokers_flow_logs(tmp_path, brokers):
         flow = b.flow_log()
         assert "|MSG_REDIRECT|" in flow and "|MSG_DOWNLOAD|" in flow
         assert "|DEFAULT_CONSUME|" in flow
+
+
+@pytest.mark.parametrize("suffix", ["", " é"])  # plain file, and the canonical-key path
+def test_empty_intersection_gives_header_only_results(tmp_path, brokers, suffix):
+    write_csv(tmp_path / "data/alice.csv", {"uid": ["a" + suffix, "b"], "v": ["1", "2"]})
+    write_csv(tmp_path / "data/bob.csv", {"uid": ["c", "d" + suffix], "w": ["x", "y"]})
+    spec = write_spec(tmp_path, brokers, protocol="RR22")
+    reports = run_ok(spec, ["alice", "bob"])
+    assert [r["intersection_count"] for r in reports] == [0, 0]
+    for party, cols in (("alice", ["uid", "v"]), ("bob", ["uid", "w"])):
+        got = read_result(tmp_path / f"out/{party}_psi.csv")
+        assert list(got.columns) == cols and len(got) == 0
