@@ -191,18 +191,28 @@ def canonical_keys(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
     if len(keys) == 1:
         col = table[keys[0]].combine_chunks().cast(pa.large_string())
         plain = pc.match_substring_regex(col, _PLAIN_KEY)
-        empty = pa.scalar("", pa.large_string())
-        encoded = pc.binary_join_element_wise(pa.scalar("~", pa.large_string()), _hex(col), empty)
+        n = len(col)
+        encoded = pc.binary_join_element_wise(_const("~", n), _hex(col), _const("", n))
         return pc.if_else(plain, col, encoded)
     parts = [_hex(table[k]) for k in keys]
-    return pc.binary_join_element_wise(*parts, pa.scalar("-", pa.large_string()))
+    return pc.binary_join_element_wise(*parts, _const("-", table.num_rows))
+
+
+def _const(text: str, n: int) -> pa.Array:
+    """``n`` copies of ``text`` as a large_string array (pa.scalar would import pandas)."""
+    raw = text.encode("utf-8")
+    offsets = np.arange(n + 1, dtype=np.int64) * len(raw)
+    return pa.LargeStringArray.from_buffers(
+        n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(raw * n))
 
 
 def write_spu_input(inp: InputTable, keys: tuple[str, ...], dest: Path) -> None:
     """Write the (canonical key, row number) file that SPU reads instead of the input."""
     t = pa.table({
         KEY_COLUMN: canonical_keys(inp.table, keys),
-        ROW_COLUMN: pa.array(np.arange(inp.rows, dtype=np.int64)),
+        # from_buffers: pa.array() would import pandas (half a second) to inspect a numpy array
+        ROW_COLUMN: pa.Int64Array.from_buffers(
+            pa.int64(), inp.rows, [None, pa.py_buffer(np.arange(inp.rows, dtype=np.int64))]),
     })
     pcsv.write_csv(t, dest, pcsv.WriteOptions(quoting_style="none"))
 
@@ -217,12 +227,18 @@ def read_result_rows(spu_output: Path) -> np.ndarray:
             include_columns=[ROW_COLUMN], column_types={ROW_COLUMN: pa.int64()}
         ),
     )
-    return t[ROW_COLUMN].to_numpy()
+    col = t[ROW_COLUMN].combine_chunks()
+    if col.null_count:
+        raise ValueError("SPU's result lists a row without a number")
+    # Straight from the buffer: to_numpy() would import pandas.
+    return np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset: col.offset + len(col)]
 
 
 def write_result(inp: InputTable, rows: np.ndarray, dest: Path) -> int:
     """Write the input rows at ``rows`` (in that order) with the input's header; return count."""
-    out = inp.table.take(pa.array(rows, type=pa.int64()))
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    out = inp.table.take(
+        pa.Int64Array.from_buffers(pa.int64(), len(rows), [None, pa.py_buffer(rows)]))
     pcsv.write_csv(out, dest, pcsv.WriteOptions(quoting_style="needed"))
     return out.num_rows
 
