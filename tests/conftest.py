@@ -92,9 +92,19 @@ def assert_same_rows(got: pd.DataFrame, want: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(g, w)
 
 
-def run_ok(spec: Path, parties: list[str], **kw) -> list[dict]:
+# SPU 0.9.3b0's ECDH PSI sometimes stalls for good after "MaskPeer finished" on both sides,
+# on a direct brpc link as well as through the brokers (1 run in 20 here, 150 x 170 rows). ECDH
+# tests therefore use a short receive timeout and may run the job again after such a stall;
+# every attempt is a complete, independent run and its result is still checked with pandas.
+ECDH_LINK = {"recv_timeout_ms": 30_000}
+
+
+def run_ok(spec: Path, parties: list[str], stall_retries: int = 0, **kw) -> list[dict]:
     kw.setdefault("timeout_s", 240)  # test jobs take seconds; a hang should fail fast
     results = run_parties(spec, parties, **kw)
+    while stall_retries > 0 and any("receive timeout" in r.stderr for r in results):
+        stall_retries -= 1
+        results = run_parties(spec, parties, **kw)
     for p, r in zip(parties, results):
         assert r.returncode == 0, f"{p} failed ({r.returncode}): {r.stderr}"
         assert "Traceback" not in r.stderr

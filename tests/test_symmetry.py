@@ -104,7 +104,7 @@ def test_peer_that_never_comes_ends_in_one_line_naming_it(tmp_path, brokers):
 
 def test_late_peer_succeeds(tmp_path, brokers):
     _data(tmp_path)
-    spec = write_spec(tmp_path, brokers, protocol="ECDH")
+    spec = write_spec(tmp_path, brokers, protocol="KKRT")
     a = _start(spec, "alice")
     time.sleep(25)
     assert a.poll() is None  # still waiting, not failed
