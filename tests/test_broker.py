@@ -155,3 +155,38 @@ def test_port_in_use_is_a_clear_error(tmp_path):
     finally:
         for b in pair:
             b.stop()
+
+
+def test_client_generated_from_the_proto_file_pushes_and_pops(tmp_path, brokers):
+    """A fresh client made with protoc from broker/proto/ptp.proto (as an OSX user would)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    from grpc_tools import protoc
+
+    proto_dir = Path(__file__).resolve().parent.parent / "broker" / "proto"
+    out = tmp_path / "gen"
+    out.mkdir()
+    assert protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}",
+                        f"--grpc_python_out={out}", str(proto_dir / "ptp.proto")]) == 0
+    sys.path.insert(0, str(out))
+    try:
+        for name in ("ptp_pb2", "ptp_pb2_grpc"):
+            sys.modules.pop(name, None)
+        pb = importlib.import_module("ptp_pb2")
+        pb_grpc = importlib.import_module("ptp_pb2_grpc")
+    finally:
+        sys.path.remove(str(out))
+    alice, bob = brokers
+    with grpc.insecure_channel(f"127.0.0.1:{alice.grpc_port}") as ch:
+        out_msg = pb_grpc.PrivateTransferTransportStub(ch).push(
+            pb.PushInbound(topic="gen-topic", payload=b"generated"),
+            metadata=(("x-ptp-session-id", "gen1"), ("x-ptp-source-node-id", "alice"),
+                      ("x-ptp-target-node-id", "bob")), timeout=10)
+        assert out_msg.code == codes.OK, out_msg.message
+    with grpc.insecure_channel(f"127.0.0.1:{bob.grpc_port}") as ch:
+        got = pb_grpc.PrivateTransferTransportStub(ch).pop(
+            pb.PopInbound(topic="gen-topic", timeout=5),
+            metadata=(("x-ptp-session-id", "gen1"), ("x-ptp-source-node-id", "bob")), timeout=10)
+    assert got.code == codes.OK and got.payload == b"generated"
