@@ -33,6 +33,26 @@ def preflight(spec: JobSpec, party: str) -> data.InputTable:
     return inp
 
 
+def remove_stale_work_dirs(folder: Path, party: str) -> list[Path]:
+    """Delete work folders left by runs of ``party`` that were killed (their process is gone)."""
+    removed = []
+    for path in folder.glob(f".psi-run-{party}-*-*"):
+        pid_text = path.name[len(f".psi-run-{party}-"):].split("-", 1)[0]
+        if not pid_text.isdigit() or not path.is_dir():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # that run is still alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, under another user
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        log.info("removed the work folder of a killed earlier run: %s", path)
+    return removed
+
+
 def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
             progress: Callable[[str], None] = lambda line: None,
             abort: Callable[[str], None] | None = None) -> dict:
@@ -68,7 +88,9 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
         return {**base, "check": "ok", "peer_versions": agreed.peer_versions,
                 "log": str(log_path), "seconds": {k: round(v, 3) for k, v in stages.items()}}
 
-    work = Path(tempfile.mkdtemp(prefix=f".psi-run-{party}-", dir=me.output.parent))
+    remove_stale_work_dirs(me.output.parent, party)
+    work = Path(tempfile.mkdtemp(prefix=f".psi-run-{party}-{os.getpid()}-",
+                                 dir=me.output.parent))
     session = agreed.session
     try:
         t = time.monotonic()

@@ -54,3 +54,18 @@ def test_peer_killed_after_handshake_ends_the_other_side_readably(tmp_path, brok
 def _log(folder, party) -> str:
     logs = list((folder / "logs").glob(f"*-{party}-*.log"))
     return logs[0].read_text(errors="replace") if logs else ""
+
+
+def test_work_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    from psi_runner.job import remove_stale_work_dirs
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".psi-run-alice-{dead.pid}-abc123"
+    live = tmp_path / f".psi-run-alice-{os.getpid()}-def456"
+    other = tmp_path / f".psi-run-bob-{dead.pid}-ghi789"
+    for d in (stale, live, other):
+        d.mkdir()
+        (d / "spu_input.csv").write_text("psi_key,psi_row\n")
+    assert remove_stale_work_dirs(tmp_path, "alice") == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
