@@ -6,6 +6,7 @@ flow log behave the same whichever protocol a message arrived on.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -129,6 +130,9 @@ class Dispatcher:
             )
             for warning in table.warnings:
                 log.warning("route table: %s", warning)
+            # Close the connections of routes the edit removed or changed.
+            keep = {route for hops in table.routes.values() for route in hops}
+            asyncio.get_running_loop().create_task(self.forwarder.prune(keep))
         elif outcome == "rejected":
             log.error("route table edit rejected, keeping the previous table: %s", detail)
 
