@@ -58,6 +58,13 @@ def _preload_spu() -> None:
         pass
 
 
+def _preload_secretflow() -> None:
+    try:
+        import secretflow  # noqa: F401 - about 4 s; overlaps with preflight and the handshake
+    except Exception:  # noqa: BLE001
+        pass
+
+
 def _die_with_parent(parent: int) -> None:
     """Linux: end the child when the parent is killed (even by SIGKILL), so no orphan runs on."""
     try:
@@ -93,6 +100,9 @@ def _child(args: argparse.Namespace, log_path: Path, out_fd: int, err_fd: int,
         from .spec import load_spec
 
         spec = load_spec(args.spec)
+        if spec.backend != "embedded" and not args.check:
+            threading.Thread(target=_preload_secretflow, daemon=True,
+                             name="preload-secretflow").start()
         for warning in spec.link.warnings():
             _say(err_fd, f"psi-run: warning: {warning}")
         def abort(message: str) -> None:  # from a watchdog thread: SPU is blocked in C++

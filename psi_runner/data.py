@@ -34,6 +34,7 @@ from .errors import PreflightError
 log = logging.getLogger("psi_runner.data")
 
 KEY_COLUMN = "psi_key"
+NULL_TEXT = "NULL"  # how a join writes the fields of a row only the peer has (SecretFlow's default)
 ROW_COLUMN = "psi_row"
 _PLAIN_KEY = r"^[ !#-+\x2d-}]+$"  # printable ASCII except '"', ',' and '~'
 # Bytes a plain file may hold anywhere: the plain key alphabet, plus ',' and '\n'.
@@ -214,7 +215,10 @@ def write_spu_input(inp: InputTable, keys: tuple[str, ...], dest: Path) -> None:
         ROW_COLUMN: pa.Int64Array.from_buffers(
             pa.int64(), inp.rows, [None, pa.py_buffer(np.arange(inp.rows, dtype=np.int64))]),
     })
-    pcsv.write_csv(t, dest, pcsv.WriteOptions(quoting_style="none"))
+    # A bare header: pyarrow quotes header names, which SPU's legacy (psi_csv) reader keeps.
+    with open(dest, "wb") as fh:
+        fh.write(f"{KEY_COLUMN},{ROW_COLUMN}\n".encode())
+        pcsv.write_csv(t, fh, pcsv.WriteOptions(quoting_style="none", include_header=False))
 
 
 def read_result_rows(spu_output: Path) -> np.ndarray:
@@ -224,12 +228,13 @@ def read_result_rows(spu_output: Path) -> np.ndarray:
     t = pcsv.read_csv(
         spu_output,
         convert_options=pcsv.ConvertOptions(
-            include_columns=[ROW_COLUMN], column_types={ROW_COLUMN: pa.int64()}
+            include_columns=[ROW_COLUMN], column_types={ROW_COLUMN: pa.int64()},
+            null_values=[NULL_TEXT],
         ),
     )
     col = t[ROW_COLUMN].combine_chunks()
-    if col.null_count:
-        raise ValueError("SPU's result lists a row without a number")
+    if col.null_count:  # a join's row that only the peer has: -1 stands for "no row of ours"
+        col = pc.fill_null(col, -1)
     # Straight from the buffer: to_numpy() would import pandas.
     return np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset: col.offset + len(col)]
 
@@ -237,8 +242,15 @@ def read_result_rows(spu_output: Path) -> np.ndarray:
 def write_result(inp: InputTable, rows: np.ndarray, dest: Path) -> int:
     """Write the input rows at ``rows`` (in that order) with the input's header; return count."""
     rows = np.ascontiguousarray(rows, dtype=np.int64)
-    out = inp.table.take(
-        pa.Int64Array.from_buffers(pa.int64(), len(rows), [None, pa.py_buffer(rows)]))
+    missing = rows < 0
+    if missing.any():  # a join's rows that only the peer has: every field is NULL_TEXT
+        valid = pa.py_buffer(np.packbits(~missing, bitorder="little"))
+        out = inp.table.take(pa.Int64Array.from_buffers(
+            pa.int64(), len(rows), [valid, pa.py_buffer(np.where(missing, 0, rows))]))
+        out = pa.table({name: pc.fill_null(out[name], NULL_TEXT) for name in out.column_names})
+    else:
+        out = inp.table.take(
+            pa.Int64Array.from_buffers(pa.int64(), len(rows), [None, pa.py_buffer(rows)]))
     pcsv.write_csv(out, dest, pcsv.WriteOptions(quoting_style="needed"))
     return out.num_rows
 

@@ -23,6 +23,10 @@ def shared_fields(spec: JobSpec) -> dict[str, object]:
         "parties": spec.party_names,
         "allow_duplicate_keys": spec.allow_duplicate_keys,
         "link": spec.link.as_dict(),
+        "backend": spec.backend,
+        "api": spec.api,
+        "join": spec.join,
+        "left_side": spec.left_side,
     }
 
 

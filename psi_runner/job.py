@@ -11,8 +11,9 @@ from pathlib import Path
 
 from collections.abc import Callable
 
-from . import __version__, broker_client, data, handshake
+from . import __version__, broker_client, data, handshake, rayhead
 from .backends import embedded
+from .backends.calls import PsiCall
 from .errors import PreflightError, PsiRunError
 from .link import blackbox_environment
 from .spec import JobSpec
@@ -31,6 +32,14 @@ def preflight(spec: JobSpec, party: str) -> data.InputTable:
     inp = data.inspect_input(me.input, spec.keys, spec.allow_duplicate_keys)
     data.check_output_location(me.output)
     return inp
+
+
+def backend_runner(spec: JobSpec) -> Callable[..., int]:
+    if spec.backend == "embedded":
+        return embedded.run
+    from .backends import sf_backend
+
+    return sf_backend.run
 
 
 def remove_stale_work_dirs(folder: Path, party: str) -> list[Path]:
@@ -69,6 +78,8 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
     inp = preflight(spec, party)
     me = spec.parties[party]
     broker_client.check_broker(me.broker, party)
+    if spec.backend == "ray":
+        rayhead.check_head(party, me.ray_address)  # type: ignore[arg-type]
     stages["preflight_s"] = time.monotonic() - t
     log.info("job %s party %s: input has %d rows, plain=%s", spec.job_id, party, inp.rows,
              inp.plain)
@@ -81,7 +92,8 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
         handshake.finish(spec, party)
     stages["handshake_s"] = time.monotonic() - t
     base = {"job_id": spec.job_id, "party": party, "peer": spec.peer_of(party),
-            "protocol": spec.protocol, "keys": list(spec.keys), "receiver": spec.receiver,
+            "backend": spec.backend, "api": spec.api, "protocol": spec.protocol,
+            "join": spec.join, "keys": list(spec.keys), "receiver": spec.receiver,
             "original_count": inp.rows}
     if check_only:
         stages["total_s"] = time.monotonic() - started
@@ -95,17 +107,18 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
     try:
         t = time.monotonic()
         if inp.plain:
-            call = embedded.PsiCall(me.input, work / "spu_output.csv", spec.keys)
+            call = PsiCall(me.input, work / "spu_output.csv", spec.keys)
         else:
             data.write_spu_input(inp, spec.keys, work / "spu_input.csv")
-            call = embedded.PsiCall(
+            call = PsiCall(
                 work / "spu_input.csv", work / "spu_output.csv", (data.KEY_COLUMN,)
             )
         stages["prepare_s"] = time.monotonic() - t
 
         env = blackbox_environment(me.broker, spec.party_names, session, trace_id=session)
+        run_psi = backend_runner(spec)
         if abort is None:
-            embedded.run(spec, party, call, env, session, stages)
+            spu_count = run_psi(spec, party, call, env, session, stages)
         else:
             def stop_job(message: str) -> None:  # the process ends inside abort()
                 shutil.rmtree(work, ignore_errors=True)
@@ -114,7 +127,8 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
 
             with JobWatchdog(spec, party, agreed, stop_job) as watchdog:
                 try:
-                    embedded.run(spec, party, call, env, session, stages)
+                    spu_count = run_psi(spec, party, call, env, session, stages,
+                                        watchdog=watchdog)
                 except PsiRunError as exc:
                     watchdog.notify_failure(f"{party}: {exc}")
                     raise
@@ -135,12 +149,20 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
     finally:
         shutil.rmtree(work, ignore_errors=True)
         broker_client.release_session(me.broker, session, party)
+        if spec.backend != "embedded":
+            broker_client.release_session(me.broker, session + "-fed", party)
         handshake.finish(spec, party)
 
     stages["total_s"] = time.monotonic() - started
+    if spec.join != "inner":
+        # SPU's count is the size of the intersection; the file holds the joined rows.
+        extra = {"intersection_count": spu_count if spu_count >= 0 else None,
+                 "output_rows": count}
+    else:
+        extra = {"intersection_count": count}
     return {
         **base,
-        "intersection_count": count,
+        **extra,
         "output": str(me.output) if count is not None else None,
         "log": str(log_path),
         "seconds": {k: round(v, 3) for k, v in stages.items()},

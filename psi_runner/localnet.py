@@ -170,3 +170,77 @@ def run_parties(spec: Path, parties: list[str], timeout_s: float = 600.0, cwd: P
         results.append(subprocess.CompletedProcess(proc.args, proc.returncode,
                                                    out.decode(), err.decode()))
     return results
+
+
+def free_port_block(size: int = 200, low: int = 20000, high: int = 60000,
+                    attempts: int = 200) -> int:
+    """A base port B with B..B+size-1 all free on 127.0.0.1 (for a Ray head's port range)."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(low, high - size, 10)
+        socks = []
+        try:
+            for port in range(base, base + size):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return base
+    raise RuntimeError(f"no block of {size} free ports found")
+
+
+@dataclass
+class LocalRayHead:
+    """A party's Ray head (``ray start --head --block``) with ports derived from its address.
+
+    Stopped by signalling its own process group, never with ``ray stop`` (which would end
+    every Ray cluster on the machine)."""
+
+    party: str
+    temp_dir: Path
+    address: str = ""
+    num_cpus: int = 2
+    proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        from .rayhead import ray_start_command
+
+        if not self.address:
+            self.address = f"127.0.0.1:{free_port_block()}"
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        cmd = ray_start_command(self.party, self.address, num_cpus=self.num_cpus,
+                                temp_dir=str(self.temp_dir), block=True)
+        log_path = self.temp_dir / "ray-start.log"
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True,
+                                         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+        deadline = time.monotonic() + timeout_s
+        while b"Ray runtime started" not in log_path.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                text = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"Ray head of {self.party} did not start: {text}")
+            time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.proc is None:
+            return
+        # ray start --block ends its head's processes on SIGTERM; SIGKILL the group's rest.
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        self.proc = None

@@ -18,6 +18,9 @@ from .errors import SpecError
 from .link import LINK_DEFAULTS, LinkSettings, parse_link_settings
 
 PROTOCOLS = ("ECDH", "KKRT", "RR22")
+BACKENDS = ("embedded", "secretflow", "ray")
+APIS = ("psi", "psi_csv")
+JOINS = ("inner", "left", "right", "full", "difference")
 CURVES = ("CURVE_25519", "CURVE_FOURQ", "CURVE_SM2", "CURVE_SECP256K1")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PARTY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -31,6 +34,7 @@ class PartySpec:
     broker: str  # host:port of this party's own broker (HTTP PTP)
     input: Path
     output: Path
+    ray_address: str | None = None  # host:port of the party's Ray head (backend: ray)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,10 @@ class JobSpec:
     link: LinkSettings = field(default_factory=LinkSettings)
     timeout_s: float = 600.0
     allow_duplicate_keys: bool = False
+    backend: str = "embedded"
+    api: str = "psi"
+    join: str = "inner"
+    left_side: str | None = None  # the left table's party for join left/right/full/difference
 
     @property
     def party_names(self) -> list[str]:
@@ -102,9 +110,9 @@ _UniqueKeyLoader.yaml_implicit_resolvers = {
 
 _TOP_KEYS = {
     "job_id", "protocol", "keys", "receiver", "broadcast_result", "ecdh_curve", "parties", "link",
-    "timeout_s", "allow_duplicate_keys",
+    "timeout_s", "allow_duplicate_keys", "backend", "api", "join", "left_side",
 }
-_PARTY_KEYS = {"broker", "input", "output"}
+_PARTY_KEYS = {"broker", "input", "output", "ray_address"}
 
 
 def _name(value: Any) -> str | None:
@@ -194,6 +202,35 @@ def parse_spec(text: str, spec_path: Path) -> JobSpec:
         problems.append(f"allow_duplicate_keys: must be true or false, got {allow_dups!r}")
         allow_dups = False
 
+    backend = _choice(doc, "backend", BACKENDS, "embedded", problems)
+    api = _choice(doc, "api", APIS, "psi", problems)
+    join = _choice(doc, "join", JOINS, "inner", problems)
+    if api == "psi_csv":
+        if join != "inner":
+            problems.append(f"join: {join} needs api: psi; the legacy psi_csv call only "
+                            "computes the intersection")
+        if allow_dups:
+            problems.append("allow_duplicate_keys: the legacy psi_csv call cannot take "
+                            "duplicate keys; use api: psi or deduplicate the input")
+    left_side = _name(doc.get("left_side")) if "left_side" in doc else None
+    if "left_side" in doc:
+        if join == "inner":
+            problems.append("left_side: only applies to join: left, right, full or difference; "
+                            "remove it")
+        elif left_side is None or (parties and left_side not in parties):
+            problems.append(f"left_side: must be one of the parties ({', '.join(parties)}), "
+                            f"got {doc.get('left_side')!r}")
+    if join != "inner" and left_side is None:
+        left_side = receiver  # SecretFlow's default: the receiver's table is the left one
+    for name, party in parties.items():
+        where = f"parties.{name}.ray_address"
+        if backend == "ray" and party.ray_address is None:
+            problems.append(f"{where}: required with backend: ray, the host:port of "
+                            f"{name}'s Ray head (e.g. 127.0.0.1:31000)")
+        elif backend != "ray" and party.ray_address is not None:
+            problems.append(f"{where}: only used with backend: ray (this spec has backend: "
+                            f"{backend}); remove it or set backend: ray")
+
     if problems:
         raise SpecError(str(spec_path), problems)
     return JobSpec(
@@ -208,7 +245,20 @@ def parse_spec(text: str, spec_path: Path) -> JobSpec:
         link=link,
         timeout_s=float(timeout_s),
         allow_duplicate_keys=allow_dups,
+        backend=backend,
+        api=api,
+        join=join,
+        left_side=left_side,
     )
+
+
+def _choice(doc: dict, key: str, allowed: tuple[str, ...], default: str,
+            problems: list[str]) -> str:
+    value = doc.get(key, default)
+    if not isinstance(value, str) or value.lower() not in allowed:
+        problems.append(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
+        return default
+    return value.lower()
 
 
 def _keys(value: Any, problems: list[str]) -> tuple[str, ...]:
@@ -259,18 +309,25 @@ def _parties(value: Any, base: Path, problems: list[str]) -> dict[str, PartySpec
                     f"{path}.{key}: unknown key (allowed: {', '.join(sorted(_PARTY_KEYS))})"
                 )
         broker = _broker(settings.get("broker"), f"{path}.broker", problems)
+        ray_address = None
+        if "ray_address" in settings:
+            ray_address = _broker(settings.get("ray_address"), f"{path}.ray_address", problems,
+                                  what="host:port of this party's Ray head", example="31000")
         inp = _path(settings.get("input"), base, f"{path}.input", problems)
         out = _path(settings.get("output"), base, f"{path}.output", problems)
         if inp is not None and out is not None and inp == out:
             problems.append(f"{path}.output: must differ from the input file")
         if broker and inp and out:
-            result[name] = PartySpec(name=name, broker=broker, input=inp, output=out)
+            result[name] = PartySpec(name=name, broker=broker, input=inp, output=out,
+                                     ray_address=ray_address)
     return result
 
 
-def _broker(value: Any, path: str, problems: list[str]) -> str | None:
+def _broker(value: Any, path: str, problems: list[str],
+            what: str = "host:port of this party's broker HTTP port",
+            example: str = "9380") -> str | None:
     if not isinstance(value, str) or not value.strip():
-        problems.append(f"{path}: required, host:port of this party's broker HTTP port")
+        problems.append(f"{path}: required, {what}")
         return None
     text = value.strip()
     for prefix in ("http://", "https://"):
@@ -279,7 +336,7 @@ def _broker(value: Any, path: str, problems: list[str]) -> str | None:
     text = text.rstrip("/")
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        problems.append(f"{path}: must be host:port, e.g. 127.0.0.1:9380, got {value!r}")
+        problems.append(f"{path}: must be host:port, e.g. 127.0.0.1:{example}, got {value!r}")
         return None
     return text
 
@@ -292,4 +349,5 @@ def _path(value: Any, base: Path, path: str, problems: list[str]) -> Path | None
     return (p if p.is_absolute() else base / p).resolve()
 
 
-__all__ = ["JobSpec", "PartySpec", "load_spec", "parse_spec", "LINK_DEFAULTS", "PROTOCOLS"]
+__all__ = ["JobSpec", "PartySpec", "load_spec", "parse_spec", "LINK_DEFAULTS", "PROTOCOLS",
+           "BACKENDS", "APIS", "JOINS"]
