@@ -126,7 +126,9 @@ def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = Fa
 
     if not allow_duplicates:
         _check_duplicates(table, keys, where)
-    plain = (len(keys) == 1 and not bom and _plain_file(body)
+    # SPU aligns the two outputs row by row only when the key is the first column (it sorts
+    # by the first column otherwise); the canonical-key file always has the key first.
+    plain = (len(keys) == 1 and header[0] == keys[0] and not bom and _plain_file(body)
              and _plain_keys(table[keys[0]], _PLAIN_BYTES[np.frombuffer(body, np.uint8)].all()))
     return InputTable(path=path, columns=header, table=table, plain=plain)
 

@@ -312,7 +312,8 @@ def _parties(value: Any, base: Path, problems: list[str]) -> dict[str, PartySpec
         ray_address = None
         if "ray_address" in settings:
             ray_address = _broker(settings.get("ray_address"), f"{path}.ray_address", problems,
-                                  what="host:port of this party's Ray head", example="31000")
+                                  what="host:port of this party's Ray head",
+                                  example="31000") or ""  # "": given but invalid (reported)
         inp = _path(settings.get("input"), base, f"{path}.input", problems)
         out = _path(settings.get("output"), base, f"{path}.output", problems)
         if inp is not None and out is not None and inp == out:

@@ -41,12 +41,15 @@ def make_ids(n: int, prefix: str, rng: random.Random) -> list[str]:
     return [f"{prefix}{k:09d}" for k in rng.sample(range(10**9), n)]
 
 
-def write_csv(path: Path, columns: dict[str, list[str]]) -> None:
-    """Write with the csv module (quotes only where needed), as users' tools do."""
+def write_csv(path: Path, columns: dict[str, list[str]], lineterminator: str = "\r\n") -> None:
+    """Write with the csv module (quotes only where needed), as users' tools do.
+
+    The csv module ends lines with CRLF; ``lineterminator="\n"`` writes a file that psi-run
+    can hand to SPU as it is (no quotes, no CR: the "plain" fast path)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(columns)
     with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator=lineterminator)
         w.writerow(names)
         for row in zip(*columns.values()):
             w.writerow(row)
@@ -75,6 +78,10 @@ def write_spec(folder: Path, brokers: list[LocalBroker], **overrides) -> Path:
 
 def read_result(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def log_says(report: dict, text: str) -> bool:
+    return text in Path(report["log"]).read_text(encoding="utf-8", errors="replace")
 
 
 def expected_rows(inp: Path, other: Path, keys: list[str]) -> pd.DataFrame:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import (
@@ -12,6 +13,7 @@ from conftest import (
     TRICKY,
     assert_same_rows,
     expected_rows,
+    log_says,
     make_ids,
     read_result,
     run_ok,
@@ -21,7 +23,8 @@ from conftest import (
 from psi_runner.localnet import start_pair
 
 
-def _single_key_data(folder: Path, rng: random.Random, tricky: bool) -> None:
+def _single_key_data(folder: Path, rng: random.Random, tricky: bool,
+                     lineterminator: str = "\r\n") -> None:
     shared = make_ids(300, "s", rng) + (TRICKY if tricky else [])
     a = shared + make_ids(400, "a", rng)
     b = shared + make_ids(250, "b", rng)
@@ -30,9 +33,10 @@ def _single_key_data(folder: Path, rng: random.Random, tricky: bool) -> None:
         b.append("only-bob,\"x\"")
     rng.shuffle(a)
     rng.shuffle(b)
-    write_csv(folder / "data/alice.csv", {"uid": a, "age": [str(i % 90) for i in range(len(a))]})
+    write_csv(folder / "data/alice.csv", {"uid": a, "age": [str(i % 90) for i in range(len(a))]},
+              lineterminator)
     write_csv(folder / "data/bob.csv", {"score": [f"{i / 7:.3f}" for i in range(len(b))],
-                                         "uid": b})
+                                         "uid": b}, lineterminator)
 
 
 def _two_key_data(folder: Path, rng: random.Random) -> None:
@@ -61,6 +65,9 @@ def _check(folder: Path, keys: list[str], parties=("alice", "bob")) -> None:
         want = expected_rows(folder / f"data/{me}.csv", folder / f"data/{other}.csv", keys)
         assert len(want) > 0
         assert_same_rows(got, want)
+    # Aligned, as SecretFlow's later steps expect: row i of both files has the same key.
+    ra, rb = (read_result(folder / f"out/{p}_psi.csv")[keys] for p in parties)
+    pd.testing.assert_frame_equal(ra, rb)
 
 
 @pytest.mark.parametrize("brokers", ["grpc", "http"], indirect=True)
@@ -88,10 +95,16 @@ def test_two_column_key_with_quotes_and_commas_matches_pandas(tmp_path, brokers,
 
 
 def test_plain_file_is_passed_through_and_still_matches(tmp_path, brokers):
-    _single_key_data(tmp_path, random.Random(1), tricky=False)
+    _single_key_data(tmp_path, random.Random(1), tricky=False, lineterminator="\n")
     spec = write_spec(tmp_path, brokers, protocol="RR22")
-    run_ok(spec, ["alice", "bob"])
+    reports = run_ok(spec, ["alice", "bob"])
     _check(tmp_path, ["uid"])
+    # alice's key is its first column: SPU reads her file as it is. bob's is not, and SPU
+    # would then sort his output by its first column, out of line with alice's: psi-run
+    # gives SPU a canonical-key file instead (and _check proves the rows line up).
+    by_party = {r["party"]: r for r in reports}
+    assert log_says(by_party["alice"], "plain=True")
+    assert log_says(by_party["bob"], "plain=False")
 
 
 def test_numeric_party_names_as_osx_users_write_them(tmp_path):

@@ -447,3 +447,80 @@ def test_both_warnings_from_spec(tmp_path: Path) -> None:
     assert len(warnings) == 2
     assert "retry window is 0 s" in warnings[0]  # 0.5 s, rounded
     assert warnings[1].startswith("link.recv_timeout_ms: 1000 ms")
+
+
+# --- backend, api, join (issue 4) -----------------------------------------------------------
+
+RAY_PARTIES = VALID.replace("    output: out/alice_psi.csv\n",
+                            "    output: out/alice_psi.csv\n    ray_address: 127.0.0.1:31000\n"
+                            ).replace("    output: out/bob_psi.csv\n",
+                                      "    output: out/bob_psi.csv\n    ray_address: 127.0.0.1:32000\n")
+
+
+def test_backend_api_join_defaults(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, VALID))
+    assert (spec.backend, spec.api, spec.join, spec.left_side) == ("embedded", "psi", "inner", None)
+
+
+def test_ray_backend_reads_ray_addresses(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, "backend: ray\n" + RAY_PARTIES))
+    assert spec.backend == "ray"
+    assert spec.parties["alice"].ray_address == "127.0.0.1:31000"
+    assert spec.parties["bob"].ray_address == "127.0.0.1:32000"
+
+
+def test_ray_backend_needs_every_ray_address(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, "backend: ray\n" + VALID)
+    assert len(problems) == 2
+    assert problems[0].startswith("parties.alice.ray_address: required with backend: ray")
+
+
+def test_ray_address_without_ray_backend_is_an_error(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, "backend: secretflow\n" + RAY_PARTIES)
+    assert "only used with backend: ray" in problems[0]
+
+
+def test_bad_ray_address(tmp_path: Path) -> None:
+    text = "backend: ray\n" + RAY_PARTIES.replace("127.0.0.1:31000", "ray-head")
+    assert problems_of(tmp_path, text) == [
+        "parties.alice.ray_address: must be host:port, e.g. 127.0.0.1:31000, got 'ray-head'"]
+
+
+@pytest.mark.parametrize("key,value", [("backend", "spark"), ("api", "psi_v3"), ("join", "outer")])
+def test_choices_are_checked(tmp_path: Path, key: str, value: str) -> None:
+    problems = problems_of(tmp_path, f"{key}: {value}\n" + VALID)
+    assert problems[0].startswith(f"{key}: must be one of ")
+    assert repr(value) in problems[0]
+
+
+def test_join_defaults_left_side_to_receiver(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, "join: LEFT\n" + VALID))
+    assert (spec.join, spec.left_side) == ("left", "alice")
+    spec = load_spec(write(tmp_path, "join: full\nleft_side: bob\n" + VALID))
+    assert (spec.join, spec.left_side) == ("full", "bob")
+
+
+def test_left_side_checks(tmp_path: Path) -> None:
+    assert "only applies to join" in problems_of(tmp_path, "left_side: bob\n" + VALID)[0]
+    assert "must be one of the parties" in problems_of(
+        tmp_path, "join: left\nleft_side: carol\n" + VALID)[0]
+
+
+def test_psi_csv_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, "api: psi_csv\njoin: left\nallow_duplicate_keys: true\n"
+                           + VALID)
+    assert problems[0].startswith("join: left needs api: psi")
+    assert problems[1].startswith("allow_duplicate_keys: the legacy psi_csv call cannot")
+
+
+def test_backend_api_join_are_in_the_digest(tmp_path: Path) -> None:
+    from psi_runner.digest import spec_digest
+
+    base = spec_digest(load_spec(write(tmp_path, VALID)))
+    for extra in ("backend: secretflow\n", "api: psi_csv\n", "join: left\n",
+                  "join: left\nleft_side: bob\n"):
+        assert spec_digest(load_spec(write(tmp_path, extra + VALID))) != base, extra
+    # A party's own Ray head is local, like its paths: not part of the digest.
+    ray1 = load_spec(write(tmp_path, "backend: ray\n" + RAY_PARTIES))
+    ray2 = load_spec(write(tmp_path, "backend: ray\n" + RAY_PARTIES.replace("31000", "41000")))
+    assert spec_digest(ray1) == spec_digest(ray2)

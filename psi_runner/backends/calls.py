@@ -13,7 +13,8 @@ protocol ECDH      PROTOCOL_ECDH                  ECDH_PSI_2PC
 ecdh_curve         ecdh_config.curve              curve_type
 receiver           role RECEIVER / SENDER         receiver_rank
 join               advanced_join_type, left_side  (inner only)
-duplicates         checked by psi-run             checked by psi-run (precheck off)
+duplicates         checked by psi-run;            checked by psi-run (precheck off)
+                   keys_unique left unset
 output order       SPU's alignment order          sorted by key (SecretFlow default)
 =================  =============================  ===============================
 
@@ -68,12 +69,13 @@ def v2_config(spec: JobSpec, party: str, call: PsiCall):
         keys=list(call.keys),
         # psi-run has already checked the keys for duplicates (or the spec allows them).
         skip_duplicates_check=True,
-        input_attr=v2.InputAttr(keys_unique=not spec.allow_duplicate_keys),
-        output_attr=v2.OutputAttr(csv_null_rep=NULL_TEXT),
     )
+    # input_attr.keys_unique stays unset (false): with it set, SPU 0.9.3b0 takes another
+    # code path that fails on an empty intersection and misaligns the two outputs.
     if spec.join != "inner":
         config.advanced_join_type = v2.PsiConfig.AdvancedJoinType.Value(_JOINS[spec.join])
         config.left_side = role(spec.left_side)
+        config.output_attr.csv_null_rep = NULL_TEXT
     if spec.protocol == "ECDH":
         config.protocol_config.ecdh_config.curve = psi_pb2.CurveType.Value(spec.ecdh_curve)
     return config

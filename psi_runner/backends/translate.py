@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ..errors import BackendError, PeerError, PsiRunError
 from ..spec import JobSpec
 
@@ -38,5 +40,14 @@ def translate_spu_error(exc: BaseException, spec: JobSpec, party: str, during: s
         if needle in text:
             return cls(f"job {spec.job_id}: {during} failed: "
                        + explanation.format(peer=peer, party=party))
-    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
+    first = _first_line(text) or type(exc).__name__
     return BackendError(f"job {spec.job_id}: {during} failed ({first}); see the log file")
+
+
+def _first_line(text: str) -> str:
+    """The informative part of SPU's error text ("what:" and the enforce location dropped)."""
+    for line in text.strip().splitlines():
+        line = re.sub(r"^\s*(what:)?\s*(\[Enforce fail at [^\]]*\]\s*)?", "", line).strip()
+        if line:
+            return line[:200]
+    return ""
