@@ -3,6 +3,10 @@
 Starts ``psi-broker`` with ``conf/alice`` and ``conf/bob``, generates ``demo/data/*.csv``, runs
 ``psi-run jobs/alice_bob.yaml`` for both parties at once, checks the result against pandas
 and prints it. Exit code 0 only when both parties succeeded and the result is right.
+
+With ``--spec jobs/alice_bob_ray.yaml`` (``backend: ray``) it also starts one Ray head per
+party at the spec's ``ray_address`` (disjoint port ranges derived from it) and stops them at
+the end; a head that already answers there is used as it is.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .localnet import LocalBroker, run_parties
+from .localnet import LocalBroker, LocalRayHead, run_parties
 from .spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,8 +59,23 @@ def main(argv: list[str] | None = None) -> int:
 
     logs = ROOT / "demo" / "logs"
     brokers = [LocalBroker(p, ROOT / "conf" / p, log_dir=logs / f"broker-{p}") for p in parties]
+    heads: list[LocalRayHead] = []
     print(f"demo: starting brokers from {', '.join(str(b.conf_dir) for b in brokers)}")
     try:
+        if spec.backend == "ray":
+            for p in parties:
+                address = spec.parties[p].ray_address
+                if _answers(address):
+                    print(f"demo:   {p}: using the Ray head already at {address}")
+                    continue
+                head = LocalRayHead(p, Path(f"/tmp/ray-demo-{p}"), address=address)
+                print(f"demo:   {p}: starting a Ray head at {address}")
+                try:
+                    head.start()
+                except RuntimeError as exc:
+                    print(f"demo: {exc}")
+                    return 1
+                heads.append(head)
         for b in brokers:
             try:
                 b.start()
@@ -72,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for b in brokers:
             b.stop()
+        for head in heads:
+            head.stop()
 
     ok = True
     for p, res in zip(parties, results):
@@ -96,6 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     print(pd.read_csv(spec.parties[spec.receiver].output, dtype=str,
                       keep_default_na=False).head(5).to_string(index=False))
     return 0 if ok else 1
+
+
+def _answers(address: str) -> bool:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _expected(spec) -> set[str]:

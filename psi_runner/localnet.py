@@ -208,6 +208,7 @@ class LocalRayHead:
     address: str = ""
     num_cpus: int = 2
     proc: subprocess.Popen | None = None
+    script: Path | None = None  # e.g. deploy/ray/start-ray-head.sh instead of the command
 
     def start(self, timeout_s: float = 90.0) -> None:
         from .rayhead import ray_start_command
@@ -215,8 +216,12 @@ class LocalRayHead:
         if not self.address:
             self.address = f"127.0.0.1:{free_port_block()}"
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        cmd = ray_start_command(self.party, self.address, num_cpus=self.num_cpus,
-                                temp_dir=str(self.temp_dir), block=True)
+        if self.script is not None:
+            cmd = [str(self.script), self.party, self.address, f"--num-cpus={self.num_cpus}",
+                   f"--temp-dir={self.temp_dir}", "--block"]
+        else:
+            cmd = ray_start_command(self.party, self.address, num_cpus=self.num_cpus,
+                                    temp_dir=str(self.temp_dir), block=True)
         log_path = self.temp_dir / "ray-start.log"
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

@@ -32,6 +32,8 @@ from conftest import (
 from psi_runner.localnet import BIN, LocalRayHead, run_parties
 from test_join import check_join, join_data
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def _data(folder: Path, rng: random.Random, tricky: bool) -> None:
     shared = make_ids(200, "s", rng) + (TRICKY if tricky else [])
@@ -223,7 +225,8 @@ def ray_heads():
     try:
         for party in ("alice", "bob"):
             # Ray's socket paths must stay short: a folder right under /tmp, not tmp_path.
-            head = LocalRayHead(party, Path(f"/tmp/psi-run-test-ray-{party}-{os.getpid()}"))
+            head = LocalRayHead(party, Path(f"/tmp/psi-run-test-ray-{party}-{os.getpid()}"),
+                                script=ROOT / "deploy/ray/start-ray-head.sh")  # as deployed
             heads.append(head)
             head.start()
         yield {h.party: h for h in heads}
