@@ -8,6 +8,10 @@ one process so that machine noise hits both alike:
   (b) the baseline: two processes of ``bench/bare_psi.py``, each one SPU PSI v2 call on a
       direct brpc link between 127.0.0.1 ports (no broker, no psi-run).
 
+``--backends embedded,secretflow,ray`` runs (a) once per backend (the ``ray`` backend against
+two Ray heads started at the beginning on disjoint ports), so the backends' fixed costs are
+measured side by side in one run.
+
 Per run it measures the wall time from starting both party processes to both having exited
 (so the slower party counts) and the PSI call time (the larger of the two parties'); it checks
 that both parties' results hold exactly the expected intersection. See bench/README.md.
@@ -38,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import yaml
 
-from psi_runner.localnet import BIN, run_parties, start_pair
+from psi_runner.localnet import BIN, LocalRayHead, run_parties, start_pair
 
 HERE = Path(__file__).resolve().parent
 BARE = HERE / "bare_psi.py"
@@ -144,14 +148,21 @@ class Run:
 
     @property
     def label(self) -> str:
-        return VARIANT_LABELS[self.variant]
+        return variant_label(self.variant)
 
 
-VARIANT_LABELS = {
-    "a:grpc": "psi-run+brokers(grpc)",
-    "a:http": "psi-run+brokers(http)",
-    "b": "bare SPU",
-}
+def variant_label(variant: str) -> str:
+    """"b" is bare SPU; "a:<route>" psi-run (embedded); "a-<backend>:<route>" other backends."""
+    if variant == "b":
+        return "bare SPU"
+    kind, route = variant.split(":")
+    backend = kind[2:] if kind.startswith("a-") else ""
+    return f"psi-run{f'[{backend}]' if backend else ''}+brokers({route})"
+
+
+def variant_backend(variant: str) -> str:
+    kind = variant.split(":")[0]
+    return kind[2:] if kind.startswith("a-") else "embedded"
 
 
 def free_ports(n: int) -> list[int]:
@@ -169,16 +180,18 @@ def free_ports(n: int) -> list[int]:
 
 
 def run_product(rnd: int, route: str, data: Dataset, run_dir: Path, protocol: str,
-                timeout_s: float) -> Run:
+                timeout_s: float, backend: str = "embedded",
+                ray_heads: dict[str, str] | None = None) -> Run:
     """(a): two routed brokers, then both psi-run processes; wall time of the psi-runs."""
-    who = f"round {rnd} (a) route {route}"
+    who = f"round {rnd} (a) {backend} route {route}"
     t = time.monotonic()
     brokers = start_pair(run_dir / "brokers", protocol=route)
     setup_s = time.monotonic() - t
     try:
         spec = run_dir / "job.yaml"
         doc = {
-            "job_id": f"bench-{rnd}-{route}",
+            "job_id": f"bench-{rnd}-{route}-{backend}",
+            "backend": backend,
             "protocol": protocol,
             "keys": [KEY],
             "receiver": "alice",
@@ -191,6 +204,9 @@ def run_product(rnd: int, route: str, data: Dataset, run_dir: Path, protocol: st
                 for b in brokers
             },
         }
+        if backend == "ray":
+            for party, address in (ray_heads or {}).items():
+                doc["parties"][party]["ray_address"] = address
         spec.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         t0 = time.monotonic()
         results = run_parties(spec, list(PARTIES), timeout_s=timeout_s, log_dir=run_dir / "logs")
@@ -215,7 +231,7 @@ def run_product(rnd: int, route: str, data: Dataset, run_dir: Path, protocol: st
                              f"{rep.get('intersection_count')}, expected {data.overlap}")
         rows.append(check_output(Path(rep["output"]), data, f"{who} {party}"))
     stages = {k: max(rep["seconds"][k] for rep in reports) for k in reports[0]["seconds"]}
-    return Run(rnd, f"a:{route}", wall, stages["psi_s"], stages["link_s"], tuple(rows), stages,
+    return Run(rnd, f"a:{route}" if backend == "embedded" else f"a-{backend}:{route}", wall, stages["psi_s"], stages["link_s"], tuple(rows), stages,
                stages["total_s"], setup_s)
 
 
@@ -328,7 +344,7 @@ def machine_info() -> list[str]:
     ]
 
 
-HEADER = (f"{'round':>5}  {'#':>1}  {'variant':<22} {'wall_s':>8} {'psi_s':>8} {'link_s':>7} "
+HEADER = (f"{'round':>5}  {'#':>1}  {'variant':<33} {'wall_s':>8} {'psi_s':>8} {'link_s':>7} "
           f"{'wall-psi':>8} {'proc_s':>7} {'prep_s':>7} {'out_s':>6} {'brokers':>7}  rows alice/bob")
 
 
@@ -339,7 +355,7 @@ def row_line(r: Run, pos: int) -> str:
         prep = f"{r.stages['preflight_s'] + r.stages['prepare_s']:.2f}"
         out = f"{r.stages['output_s']:.2f}"
         brk = f"{r.setup_s:.2f}"
-    return (f"{r.round:>5}  {pos:>1}  {r.label:<22} {r.wall_s:>8.2f} {r.psi_s:>8.2f} "
+    return (f"{r.round:>5}  {pos:>1}  {r.label:<33} {r.wall_s:>8.2f} {r.psi_s:>8.2f} "
             f"{r.link_s:>7.2f} {r.wall_s - r.psi_s:>8.2f} {r.proc_s:>7.2f} {prep:>7} {out:>6} {brk:>7}  "
             f"{r.rows[0]}/{r.rows[1]}")
 
@@ -358,11 +374,11 @@ def summary(runs: list[Run], variants: list[str]) -> list[str]:
             "min_wall": min(r.wall_s for r in rs),
             "max_wall": max(r.wall_s for r in rs),
         }
-    lines = [f"{'variant':<22} {'runs':>4} {'median wall_s':>13} {'(min-max)':>15} "
+    lines = [f"{'variant':<33} {'runs':>4} {'median wall_s':>13} {'(min-max)':>15} "
              f"{'median psi_s':>12} {'median link_s':>13} {'median wall-psi':>15}"]
     for v in variants:
         m = med[v]
-        lines.append(f"{VARIANT_LABELS[v]:<22} {m['n']:>4} {m['wall']:>13.2f} "
+        lines.append(f"{variant_label(v):<33} {m['n']:>4} {m['wall']:>13.2f} "
                      f"{m['min_wall']:>7.2f}-{m['max_wall']:<7.2f} {m['psi']:>12.2f} "
                      f"{m['link']:>13.2f} {m['other']:>15.2f}")
     lines.append("")
@@ -372,13 +388,13 @@ def summary(runs: list[Run], variants: list[str]) -> list[str]:
             continue
         rw = med[v]["wall"] / base["wall"]
         rp = med[v]["psi"] / base["psi"]
-        lines.append(f"ratio wall {VARIANT_LABELS[v]} / bare SPU: {rw:.2f}")
-        lines.append(f"ratio psi call {VARIANT_LABELS[v]} / bare SPU: {rp:.2f}")
+        lines.append(f"ratio wall {variant_label(v)} / bare SPU: {rw:.2f}")
+        lines.append(f"ratio psi call {variant_label(v)} / bare SPU: {rp:.2f}")
         rx = med[v]["nolink"] / base["nolink"]
         lines.append(f"  (for information: ratio of median (wall_s - link_s): {rx:.2f}; "
                      "bare SPU's link_s includes waiting out brpc connect retries)")
         verdict = "met" if rw <= TARGET_RATIO else "NOT met"
-        lines.append(f"target wall ratio <= {TARGET_RATIO} ({VARIANT_LABELS[v]}): {verdict}")
+        lines.append(f"target wall ratio <= {TARGET_RATIO} ({variant_label(v)}): {verdict}")
     return lines
 
 
@@ -397,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=20240601)
     ap.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     ap.add_argument("--keep", action="store_true", help="keep every run's outputs and logs")
+    ap.add_argument("--backends", default="embedded",
+                    help="comma-separated psi-run backends for (a): embedded, secretflow, ray "
+                         "(default embedded)")
     ap.add_argument("--bare-dup-check", action="store_true",
                     help="(b) lets SPU check for duplicate keys (psi-run skips that check in "
                          "SPU because its preflight does it); default: same PsiConfig as psi-run")
@@ -408,7 +427,12 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{BIN / tool} not found; run with the project's .venv/bin/python")
 
     routes = ["grpc", "http"] if args.route == "both" else [args.route]
-    variants = [f"a:{r}" for r in routes] + ["b"]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - {"embedded", "secretflow", "ray"})
+    if unknown or not backends:
+        ap.error(f"--backends: unknown {', '.join(unknown) or '(none given)'}")
+    variants = [f"a:{r}" if b == "embedded" else f"a-{b}:{r}" for b in backends for r in routes]
+    variants.append("b")
 
     print("== machine")
     for line in machine_info():
@@ -426,11 +450,20 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     runs: list[Run] = []
     started = time.monotonic()
+    heads: list[LocalRayHead] = []
+    ray_addresses: dict[str, str] = {}
     try:
+        if "ray" in backends:
+            for party in PARTIES:
+                head = LocalRayHead(party, Path(f"/tmp/psi-bench-ray-{party}-{os.getpid()}"))
+                heads.append(head)
+                head.start()
+                ray_addresses[party] = head.address
+            print(f"  Ray heads: {ray_addresses}")
         for rnd in range(1, args.rounds + 1):
             # a, b in odd rounds; b, a (reversed) in even rounds
             order = variants if rnd % 2 == 1 else list(reversed(variants))
-            print(f"\n== round {rnd}/{args.rounds}: order {' -> '.join(VARIANT_LABELS[v] for v in order)}",
+            print(f"\n== round {rnd}/{args.rounds}: order {' -> '.join(variant_label(v) for v in order)}",
                   flush=True)
             print(HEADER)
             for pos, v in enumerate(order, 1):
@@ -442,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                                  args.bare_dup_check)
                 else:
                     r = run_product(rnd, v.split(":")[1], data, run_dir, args.protocol,
-                                    args.timeout)
+                                    args.timeout, variant_backend(v), ray_addresses)
                 runs.append(r)
                 print(row_line(r, pos), flush=True)
                 if not args.keep:
@@ -457,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
+        for head in heads:
+            head.stop()
+            shutil.rmtree(head.temp_dir, ignore_errors=True)
         if temp and not args.keep and not failed:
             shutil.rmtree(work, ignore_errors=True)
 
