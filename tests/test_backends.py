@@ -99,12 +99,31 @@ def _sockets_of(pid: int, table: dict) -> list[tuple[int, int, str]]:
     return found
 
 
-class SocketWatch(threading.Thread):
-    """Samples the TCP sockets of the runner processes of ``spec`` while a job runs."""
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
 
-    def __init__(self, spec: Path) -> None:
+
+class SocketWatch(threading.Thread):
+    """Samples the TCP sockets of some processes (by default: the runners of ``spec``)."""
+
+    def __init__(self, spec: Path, pids=None) -> None:
         super().__init__(daemon=True)
         self.spec = spec
+        self.pids = pids or (lambda: _runner_pids(spec))
         self.listening: set[int] = set()
         self.remote_ports: set[int] = set()
         self.samples = 0
@@ -113,11 +132,14 @@ class SocketWatch(threading.Thread):
     def run(self) -> None:
         while not self.done.is_set():
             table = _tcp_table()
-            for pid in _runner_pids(self.spec):
+            # A connection's remote port names a service only when something listens on it;
+            # otherwise it is the ephemeral port of a client this process accepted.
+            services = {local for local, _, state in table.values() if state == "0A"}
+            for pid in self.pids():
                 for local, remote, state in _sockets_of(pid, table):
                     if state == "0A":  # LISTEN
                         self.listening.add(local)
-                    elif remote:
+                    elif remote in services:
                         self.remote_ports.add(remote)
                 self.samples += 1
             time.sleep(0.1)
@@ -256,15 +278,42 @@ def test_ray_heads_use_disjoint_ports(ray_heads):
     assert not ports["alice"] & ports["bob"]
 
 
+def _head_ports(head: LocalRayHead) -> set[int]:
+    from psi_runner.rayhead import SERVICE_PORTS, WORKER_PORTS, split_address
+
+    base = split_address(head.address)[1]
+    return ({base} | {base + off for off in SERVICE_PORTS.values()}
+            | set(range(base + WORKER_PORTS[0], base + WORKER_PORTS[1] + 1)))
+
+
 def test_ray_backend_left_join(tmp_path, brokers, ray_heads):
-    """SecretFlow on each party's own Ray cluster, api psi, RR22, join left, tricky keys."""
+    """SecretFlow on each party's own Ray cluster, api psi, RR22, join left, tricky keys; no
+    process of one party's Ray cluster connects to anything of the other party's."""
     join_data(tmp_path, random.Random(21), tricky=True)
     spec = _ray_spec(tmp_path, brokers, ray_heads, join="left")
-    reports = run_ok(spec, ["alice", "bob"])
+    watches = {p: SocketWatch(spec, pids=lambda h=h: _descendants(h.proc.pid))
+               for p, h in ray_heads.items()}
+    for w in watches.values():
+        w.start()
+    try:
+        reports = run_ok(spec, ["alice", "bob"])
+    finally:
+        for w in watches.values():
+            w.done.set()
+            w.join()
     check_join(tmp_path, "left", "alice")
     assert all(r["backend"] == "ray" for r in reports)
     for b in brokers:
         assert "-fed|" in b.flow_log()  # RayFed's messages went through the brokers too
+    by_party = {b.party: b for b in brokers}
+    for me, other in (("alice", "bob"), ("bob", "alice")):
+        seen = watches[me].remote_ports
+        # The PSI task ran in this party's Ray worker and used this party's broker ...
+        assert by_party[me].http_port in seen, me
+        # ... and nothing of the other party: neither its Ray head nor its broker.
+        theirs = _head_ports(ray_heads[other]) | {by_party[other].http_port,
+                                                  by_party[other].grpc_port}
+        assert not seen & theirs, (me, seen & theirs)
 
 
 def test_ray_backend_psi_csv_twice_in_the_same_place(tmp_path, brokers, ray_heads):

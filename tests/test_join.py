@@ -95,3 +95,20 @@ def test_full_join_of_disjoint_inputs(tmp_path, brokers):
     assert [r["intersection_count"] for r in reports] == [0, 0]
     check_join(tmp_path, "full", "alice")
     assert len(read_result(tmp_path / "out/alice_psi.csv")) == 5
+
+
+@pytest.mark.parametrize("join", ["full", "difference"])
+def test_join_without_broadcast_only_the_receiver_gets_rows(tmp_path, brokers, join):
+    """Without broadcast only the receiver gets a file: its own rows as the join says, and
+    (SPU's behaviour) no NULL rows for the sender's unmatched keys."""
+    join_data(tmp_path, random.Random(5), tricky=True)
+    spec = write_spec(tmp_path, brokers, join=join, receiver="bob", broadcast_result=False)
+    reports = {r["party"]: r for r in run_ok(spec, ["alice", "bob"])}
+    assert reports["alice"]["output"] is None and not (tmp_path / "out/alice_psi.csv").exists()
+    got = read_result(tmp_path / "out/bob_psi.csv")
+    ins = {p: pd.read_csv(tmp_path / f"data/{p}.csv", dtype=str, keep_default_na=False)
+           for p in ("alice", "bob")}
+    want, _ = expected_join(ins["bob"], ins["alice"], "uid", join, i_am_left=True)
+    assert not (got == NULL).all(axis=1).any()
+    pd.testing.assert_frame_equal(_sorted(got), _sorted(want))
+    assert reports["bob"]["output_rows"] == len(want)

@@ -162,3 +162,14 @@ def test_empty_intersection_gives_header_only_results(tmp_path, brokers, suffix)
     for party, cols in (("alice", ["uid", "v"]), ("bob", ["uid", "w"])):
         got = read_result(tmp_path / f"out/{party}_psi.csv")
         assert list(got.columns) == cols and len(got) == 0
+
+
+@pytest.mark.parametrize("protocol", ["ECDH", "RR22"])
+def test_legacy_psi_csv_api_matches_pandas(tmp_path, brokers, protocol):
+    """api: psi_csv (SPU's bucket PSI, SecretFlow's SPU.psi_csv) in the embedded backend."""
+    _single_key_data(tmp_path, random.Random(f"csv-{protocol}"), tricky=True)
+    spec = write_spec(tmp_path, brokers, protocol=protocol, api="psi_csv",
+                      **_stall_guard(protocol))
+    reports = run_ok(spec, ["alice", "bob"], stall_retries=2 if protocol == "ECDH" else 0)
+    _check(tmp_path, ["uid"])
+    assert all(r["api"] == "psi_csv" for r in reports)

@@ -96,7 +96,14 @@ def run(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], session: 
         stages: dict[str, float], **_: object) -> int:
     """Run the PSI through SecretFlow; return this party's intersection count (-1: none)."""
     t0 = time.monotonic()
-    import secretflow as sf
+    try:
+        import secretflow as sf
+    except Exception as exc:  # noqa: BLE001 - a broken install shows up as any exception
+        log.exception("import secretflow failed")
+        raise BackendError(
+            f"job {spec.job_id}: backend {spec.backend} needs SecretFlow, which cannot be "
+            f"imported ({type(exc).__name__}: {str(exc)[:150]}); run scripts/setup.sh again, "
+            "or use backend: embedded") from exc
 
     stages["import_s"] = time.monotonic() - t0
     ray_mode = spec.backend == "ray"
