@@ -132,6 +132,9 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
                 except PsiRunError as exc:
                     watchdog.notify_failure(f"{party}: {exc}")
                     raise
+                except KeyboardInterrupt:
+                    watchdog.notify_failure(f"{party} was interrupted (Ctrl-C or SIGINT)")
+                    raise
 
         t = time.monotonic()
         receives = party == spec.receiver or spec.broadcast_result

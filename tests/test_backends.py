@@ -218,6 +218,36 @@ def test_secretflow_peer_killed_then_the_job_runs_again(tmp_path, brokers):
     _check(tmp_path)
 
 
+def test_secretflow_ctrl_c_stops_both_sides(tmp_path, brokers):
+    """SecretFlow takes over SIGINT and lets the job run on; psi-run takes it back: Ctrl-C
+    during the PSI stops this side (exit 130) and, through the watchdog, the peer at once."""
+    ids = [f"id{i}" for i in range(300_000)]
+    write_csv(tmp_path / "data/alice.csv", {"uid": ids}, "\n")
+    write_csv(tmp_path / "data/bob.csv", {"uid": ids[::2]}, "\n")
+    spec = write_spec(tmp_path, brokers, backend="secretflow")
+    procs = {p: subprocess.Popen([str(BIN / "psi-run"), str(spec), "--party", p,
+                                  "--log-dir", str(tmp_path / "logs")],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for p in ("alice", "bob")}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # alice's PSI has started
+        if any("Rr22PsiReceiver::Init" in f.read_text(errors="replace")
+               for f in (tmp_path / "logs").glob("job-alice-*.log")):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("alice's PSI never started")
+    t = time.monotonic()
+    procs["alice"].send_signal(signal.SIGINT)
+    results = {p: (proc.communicate(timeout=120), proc.returncode) for p, proc in procs.items()}
+    assert time.monotonic() - t < 30  # not the 90 s peer-silence limit
+    (_, a_err), a_code = results["alice"]
+    (_, b_err), b_code = results["bob"]
+    assert a_code == 130 and "interrupted; no result was written" in a_err.decode()
+    assert b_code == 4 and "alice was interrupted" in b_err.decode()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_backend_mismatch_is_caught_by_the_handshake(tmp_path, brokers):
     _data(tmp_path, random.Random(14), tricky=False)
     spec = write_spec(tmp_path, brokers)
