@@ -207,6 +207,7 @@ class LocalRayHead:
     temp_dir: Path
     address: str = ""
     num_cpus: int = 2
+    object_store_bytes: int = 300_000_000  # PSI passes files, not objects: keep it small
     proc: subprocess.Popen | None = None
     script: Path | None = None  # e.g. deploy/ray/start-ray-head.sh instead of the command
 
@@ -218,10 +219,12 @@ class LocalRayHead:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         if self.script is not None:
             cmd = [str(self.script), self.party, self.address, f"--num-cpus={self.num_cpus}",
-                   f"--temp-dir={self.temp_dir}", "--block"]
+                   f"--temp-dir={self.temp_dir}",
+                   f"--object-store-memory={self.object_store_bytes}", "--block"]
         else:
             cmd = ray_start_command(self.party, self.address, num_cpus=self.num_cpus,
-                                    temp_dir=str(self.temp_dir), block=True)
+                                    temp_dir=str(self.temp_dir), block=True,
+                                    object_store_bytes=self.object_store_bytes)
         log_path = self.temp_dir / "ray-start.log"
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,

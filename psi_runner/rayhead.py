@@ -39,7 +39,8 @@ def split_address(address: str) -> tuple[str, int]:
 
 def ray_start_command(party: str, address: str, num_cpus: int | None = None,
                       temp_dir: str | None = None, block: bool = False,
-                      ray_bin: str | None = None) -> list[str]:
+                      ray_bin: str | None = None,
+                      object_store_bytes: int | None = None) -> list[str]:
     """The ``ray start --head`` command for ``party``'s head at ``address`` (host:port)."""
     host, base = split_address(address)
     if base + WORKER_PORTS[1] > 65535:
@@ -57,6 +58,8 @@ def ray_start_command(party: str, address: str, num_cpus: int | None = None,
     ]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
+    if object_store_bytes is not None:
+        cmd.append(f"--object-store-memory={object_store_bytes}")
     # The party's resource: SecretFlow schedules the party's tasks on nodes that have it.
     cmd.append(f'--resources={{"{party}": 1000}}')
     cmd.append(f"--temp-dir={temp_dir or f'/tmp/ray-{party}'}")
@@ -115,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", required=True, help="host:port of the head (its GCS)")
     parser.add_argument("--num-cpus", type=int)
     parser.add_argument("--temp-dir", help="Ray's temp folder (default /tmp/ray-PARTY)")
+    parser.add_argument("--object-store-memory", type=int, metavar="BYTES",
+                        help="size of the head's object store (Ray's default: 30%% of RAM)")
     parser.add_argument("--block", action="store_true", help="keep ray start in the foreground")
     args = parser.parse_args(argv)
     try:
         cmd = ray_start_command(args.party, args.address, args.num_cpus, args.temp_dir,
-                                args.block)
+                                args.block, object_store_bytes=args.object_store_memory)
     except ValueError as exc:
         print(f"rayhead: {exc}", file=sys.stderr)
         return 2

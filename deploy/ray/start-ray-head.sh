@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start one party's Ray head for psi-run's `backend: ray`.
 #
-#   deploy/ray/start-ray-head.sh PARTY HOST:PORT [--num-cpus N] [--temp-dir DIR] [--block]
+#   deploy/ray/start-ray-head.sh PARTY HOST:PORT [--num-cpus N] [--temp-dir DIR]
+#                                [--object-store-memory BYTES] [--block]
 #
 # HOST:PORT is the party's `ray_address` in the job spec. Every port of the head is derived
 # from PORT (PORT..PORT+8 for its services, PORT+100..PORT+199 for workers), so two heads on
@@ -11,7 +12,7 @@
 # (a worker machine needs the same psi-run checkout, and must reach the party's broker).
 set -euo pipefail
 if [[ $# -lt 2 ]]; then
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
 party=$1 address=$2
