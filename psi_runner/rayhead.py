@@ -91,8 +91,18 @@ def check_head(party: str, address: str, connect_timeout_s: float = 3.0) -> dict
         raise PreflightError(
             f"the Ray head of {party} at {address} (parties.{party}.ray_address) does not "
             f"answer ({reason}); {fix}") from None
+    version = _gcs_version(address, connect_timeout_s + 2)
+    if version is None:
+        raise PreflightError(
+            f"{address} (parties.{party}.ray_address) answers, but not as a Ray head; point "
+            f"ray_address at the head's --port, or {fix}")
     import ray
 
+    if version != ray.__version__:
+        raise PreflightError(
+            f"the Ray head of {party} at {address} runs Ray {version}, this psi-run has Ray "
+            f"{ray.__version__}; start the head from this psi-run installation: "
+            f"{command_text(party, address)}")
     try:
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=True, logging_level="warning")
@@ -107,6 +117,25 @@ def check_head(party: str, address: str, connect_timeout_s: float = 3.0) -> dict
             f"the Ray cluster at {address} has no {party!r} resource, so {party}'s tasks "
             f"would wait for ever; restart its head with: {command_text(party, address)}")
     return resources
+
+
+def _gcs_version(address: str, timeout_s: float) -> str | None:
+    """Ray's version as told by the GCS at ``address``, or None when it is not a Ray GCS.
+
+    One gRPC call with a deadline: ``ray.init`` would retry for minutes against a port that
+    is open but not Ray's."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+    try:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        reply = stub.CheckAlive(gcs_service_pb2.CheckAliveRequest(), timeout=timeout_s)
+        return reply.ray_version or None
+    except grpc.RpcError:
+        return None
+    finally:
+        channel.close()
 
 
 def main(argv: list[str] | None = None) -> int:

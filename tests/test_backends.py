@@ -386,3 +386,22 @@ def test_missing_ray_head_prints_the_ray_start_command(tmp_path, brokers):
     assert f"--min-worker-port={base + 100} " in line and "--resources=" in line
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("port_of", ["http", "grpc"])
+def test_ray_address_of_something_else_is_refused_fast(tmp_path, brokers, port_of):
+    """An open port that is not a Ray head (here: the broker's HTTP or gRPC port) is refused
+    in seconds, not after ray.init's minutes of retries."""
+    _data(tmp_path, random.Random(25), tricky=False)
+    spec = write_spec(tmp_path, brokers, backend="ray")
+    doc = yaml.safe_load(spec.read_text())
+    port = brokers[0].http_port if port_of == "http" else brokers[0].grpc_port
+    doc["parties"]["alice"]["ray_address"] = f"127.0.0.1:{port}"
+    doc["parties"]["bob"]["ray_address"] = "127.0.0.1:2"
+    spec.write_text(yaml.safe_dump(doc))
+    t = time.monotonic()
+    [result] = run_parties(spec, ["alice"], timeout_s=60, extra_args=["--check"])
+    assert time.monotonic() - t < 30
+    assert result.returncode == 3, result.stderr
+    assert f"127.0.0.1:{port} (parties.alice.ray_address) answers, but not as a Ray head" \
+        in result.stderr

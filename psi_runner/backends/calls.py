@@ -120,6 +120,12 @@ def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
     t0 = time.monotonic()
     try:
         lctx = create_blackbox_link(spec.link, spec.party_names, party, session, env)
+        # SPU's PSI calls ConnectToMesh again on this connected link. yacl's connect test
+        # message always has the same key and sequence number 0, and a second one that
+        # arrives while the first is still unread is dropped without a word: both sides then
+        # wait until the receive timeout (seen here in 1 of 3 Ray runs). A barrier first
+        # makes sure both sides have read the first test message before either sends again.
+        lctx.barrier()
     except Exception as exc:  # noqa: BLE001 - SPU raises plain RuntimeError
         raise CallFailed("creating the SPU link", str(exc)) from None
     t1 = time.monotonic()
