@@ -47,7 +47,10 @@ def _log_path(args: argparse.Namespace) -> Path:
 
 
 def _say(fd: int, text: str) -> None:
-    os.write(fd, (text.rstrip("\n") + "\n").encode("utf-8", "replace"))
+    try:
+        os.write(fd, (text.rstrip("\n") + "\n").encode("utf-8", "replace"))
+    except OSError:  # whoever started us stopped listening; the log file still has it
+        pass
 
 
 def _preload_spu() -> None:
@@ -78,12 +81,12 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _child(args: argparse.Namespace, log_path: Path, out_fd: int, err_fd: int,
-           parent: int) -> int:
-    """Runs in the child: all output of SPU's C++ side goes to the log file."""
+           parent: int, pipe_w: int) -> int:
+    """Runs in the child: all output (SPU's C++ side too) goes through the parent's log pump."""
     _die_with_parent(parent)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
+    os.dup2(pipe_w, 1)
+    os.dup2(pipe_w, 2)
+    os.close(pipe_w)
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     logging.basicConfig(
@@ -106,9 +109,11 @@ def _child(args: argparse.Namespace, log_path: Path, out_fd: int, err_fd: int,
         for warning in spec.link.warnings():
             _say(err_fd, f"psi-run: warning: {warning}")
         def abort(message: str) -> None:  # from a watchdog thread: SPU is blocked in C++
-            log.error("%s", message)
-            _say(err_fd, f"psi-run: {message}")
-            os._exit(EXIT_PEER)
+            try:
+                log.error("%s", message)
+                _say(err_fd, f"psi-run: {message}")
+            finally:
+                os._exit(EXIT_PEER)  # whatever happened above, the job ends here
 
         report = run_job(spec, args.party, log_path, check_only=args.check,
                          progress=lambda line: _say(err_fd, f"psi-run: {line}"), abort=abort)
@@ -141,14 +146,24 @@ def main(argv: list[str] | None = None) -> int:
     sys.stderr.flush()
     print(f"psi-run: log file {log_path}", file=sys.stderr, flush=True)
     out_fd, err_fd = os.dup(1), os.dup(2)
+    try:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as exc:
+        print(f"psi-run: cannot write the log file {log_path} ({exc.strerror}); use --log-dir",
+              file=sys.stderr)
+        return 3
+    pipe_r, pipe_w = os.pipe()
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = EXIT_INTERNAL
         try:
-            code = _child(args, log_path, out_fd, err_fd, parent)
+            os.close(pipe_r)
+            os.close(log_fd)
+            code = _child(args, log_path, out_fd, err_fd, parent, pipe_w)
         finally:
             os._exit(code)
+    os.close(pipe_w)
 
     def forward(signum, _frame):
         try:
@@ -158,18 +173,48 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
+    status = _pump_until_exit(pid, pipe_r, log_fd)
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status)).name
-        print(f"psi-run: the PSI engine crashed ({sig}); no result was written; the last lines "
-              f"of {log_path} say why", file=sys.stderr)
+        _say(err_fd, f"psi-run: the PSI engine crashed ({sig}); no result was written; the last "
+                     f"lines of {log_path} say why")
         return EXIT_CRASH
     return os.WEXITSTATUS(status)
+
+
+def _pump_until_exit(pid: int, pipe_r: int, log_fd: int) -> int:
+    """Copy the child's output into the log (see logpump) until it exits; its wait status."""
+    import select
+
+    from .logpump import LogPump
+
+    pump = LogPump(log_fd)
+    status: int | None = None
+    quiet_since: float | None = None
+    while True:
+        ready, _, _ = select.select([pipe_r], [], [], 0.2)
+        if ready:
+            data = os.read(pipe_r, 1 << 16)
+            if not data:
+                break  # every writer is gone
+            pump.feed(data)
+            quiet_since = None
+        if status is None:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+        if status is not None and not ready:
+            # The child is gone and the pipe is quiet: a process it started may still hold
+            # the pipe open; do not wait for that one for long.
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since > 0.5:
+                break
+    pump.close()
+    os.close(pipe_r)
+    os.close(log_fd)
+    if status is None:
+        _, status = os.waitpid(pid, 0)
+    return status
 
 
 if __name__ == "__main__":

@@ -121,9 +121,11 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
             spu_count = run_psi(spec, party, call, env, session, stages)
         else:
             def stop_job(message: str) -> None:  # the process ends inside abort()
-                shutil.rmtree(work, ignore_errors=True)
-                broker_client.release_session(me.broker, session, party)
-                abort(message)
+                try:
+                    shutil.rmtree(work, ignore_errors=True)
+                    broker_client.release_session(me.broker, session, party)
+                finally:
+                    abort(message)
 
             with JobWatchdog(spec, party, agreed, stop_job) as watchdog:
                 try:
