@@ -166,6 +166,8 @@ class Forwarder:
         self._max_message = max_message
         self._window = window
         self._hops: dict[Route, _GrpcHop | _HttpHop] = {}
+        # Clients of routes an edit replaced: closed once their in-flight calls can be done.
+        self._retiring: dict[asyncio.Task, _GrpcHop | _HttpHop] = {}
 
     def _hop(self, route: Route) -> _GrpcHop | _HttpHop:
         hop = self._hops.get(route)
@@ -207,9 +209,27 @@ class Forwarder:
             delay = min(delay * 2, 2.0)
 
     async def prune(self, keep: set[Route]) -> None:
-        """Close clients of routes that are no longer in the table."""
+        """Retire clients of routes that are no longer in the table.
+
+        New messages get a new client at once; the old one is closed only after the longest
+        call it may be carrying (closing it at once would cut a push in flight, and its
+        sender would see the connection drop without an answer)."""
+        loop = asyncio.get_running_loop()
         for route in [r for r in self._hops if r not in keep]:
-            await self._hops.pop(route).close()
+            hop = self._hops.pop(route)
+            task = loop.create_task(self._retire(hop, self.call_timeout_s + 1.0))
+            self._retiring[task] = hop
+            task.add_done_callback(lambda t: self._retiring.pop(t, None))
+
+    @staticmethod
+    async def _retire(hop: _GrpcHop | _HttpHop, after_s: float) -> None:
+        await asyncio.sleep(after_s)
+        await hop.close()
 
     async def close(self) -> None:
-        await self.prune(set())
+        for task, hop in list(self._retiring.items()):
+            task.cancel()
+            await hop.close()
+        self._retiring.clear()
+        for route in list(self._hops):
+            await self._hops.pop(route).close()

@@ -84,6 +84,9 @@ def _child(args: argparse.Namespace, log_path: Path, out_fd: int, err_fd: int,
            parent: int, pipe_w: int) -> int:
     """Runs in the child: all output (SPU's C++ side too) goes through the parent's log pump."""
     _die_with_parent(parent)
+    from . import interrupts
+
+    interrupts.start()  # before any other thread: they all inherit the blocked SIGINT
     os.dup2(pipe_w, 1)
     os.dup2(pipe_w, 2)
     os.close(pipe_w)
@@ -108,12 +111,12 @@ def _child(args: argparse.Namespace, log_path: Path, out_fd: int, err_fd: int,
                              name="preload-secretflow").start()
         for warning in spec.link.warnings():
             _say(err_fd, f"psi-run: warning: {warning}")
-        def abort(message: str) -> None:  # from a watchdog thread: SPU is blocked in C++
+        def abort(message: str, code: int = EXIT_PEER) -> None:  # from another thread
             try:
                 log.error("%s", message)
                 _say(err_fd, f"psi-run: {message}")
             finally:
-                os._exit(EXIT_PEER)  # whatever happened above, the job ends here
+                os._exit(code)  # whatever happened above, the job ends here (SPU may be busy)
 
         report = run_job(spec, args.party, log_path, check_only=args.check,
                          progress=lambda line: _say(err_fd, f"psi-run: {line}"), abort=abort)

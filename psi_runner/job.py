@@ -11,7 +11,7 @@ from pathlib import Path
 
 from collections.abc import Callable
 
-from . import __version__, broker_client, data, handshake, rayhead
+from . import __version__, broker_client, data, handshake, interrupts, rayhead
 from .backends import embedded
 from .backends.calls import PsiCall
 from .errors import PreflightError, PsiRunError
@@ -20,6 +20,8 @@ from .spec import JobSpec
 from .watchdog import JobWatchdog
 
 log = logging.getLogger("psi_runner.job")
+
+EXIT_INTERRUPTED = 130
 
 
 def preflight(spec: JobSpec, party: str) -> data.InputTable:
@@ -64,7 +66,7 @@ def remove_stale_work_dirs(folder: Path, party: str) -> list[Path]:
 
 def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
             progress: Callable[[str], None] = lambda line: None,
-            abort: Callable[[str], None] | None = None) -> dict:
+            abort: Callable[..., None] | None = None) -> dict:
     """Run this party's side of the job; return the report (raises PsiRunError).
 
     With ``check_only`` it stops after preflight and the handshake (a dry run)."""
@@ -120,23 +122,30 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
         if abort is None:
             spu_count = run_psi(spec, party, call, env, session, stages)
         else:
-            def stop_job(message: str) -> None:  # the process ends inside abort()
+            def stop_job(message: str, code: int | None = None) -> None:  # ends the process
                 try:
                     shutil.rmtree(work, ignore_errors=True)
                     broker_client.release_session(me.broker, session, party)
                 finally:
-                    abort(message)
+                    if code is None:
+                        abort(message)
+                    else:
+                        abort(message, code)
 
             with JobWatchdog(spec, party, agreed, stop_job) as watchdog:
+                def on_ctrl_c() -> None:  # from the SIGINT thread, while SPU may be busy
+                    watchdog.notify_failure(f"{party} was interrupted (Ctrl-C or SIGINT)")
+                    stop_job("interrupted; no result was written", EXIT_INTERRUPTED)
+
+                interrupts.set_hook(on_ctrl_c)
                 try:
                     spu_count = run_psi(spec, party, call, env, session, stages,
                                         watchdog=watchdog)
                 except PsiRunError as exc:
                     watchdog.notify_failure(f"{party}: {exc}")
                     raise
-                except KeyboardInterrupt:
-                    watchdog.notify_failure(f"{party} was interrupted (Ctrl-C or SIGINT)")
-                    raise
+                finally:
+                    interrupts.set_hook(None)
 
         t = time.monotonic()
         receives = party == spec.receiver or spec.broadcast_result

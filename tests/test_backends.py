@@ -218,13 +218,15 @@ def test_secretflow_peer_killed_then_the_job_runs_again(tmp_path, brokers):
     _check(tmp_path)
 
 
-def test_secretflow_ctrl_c_stops_both_sides(tmp_path, brokers):
-    """SecretFlow takes over SIGINT and lets the job run on; psi-run takes it back: Ctrl-C
-    during the PSI stops this side (exit 130) and, through the watchdog, the peer at once."""
+@pytest.mark.parametrize("backend", ["secretflow", "embedded"])
+def test_ctrl_c_during_the_psi_stops_both_sides(tmp_path, brokers, backend):
+    """Ctrl-C during the PSI stops this side at once (exit 130) and, through the watchdog,
+    the peer. SecretFlow installs a SIGINT handler that lets the job run on; psi-run's job
+    process takes SIGINT in its own thread, so that handler never sees it."""
     ids = [f"id{i}" for i in range(300_000)]
     write_csv(tmp_path / "data/alice.csv", {"uid": ids}, "\n")
     write_csv(tmp_path / "data/bob.csv", {"uid": ids[::2]}, "\n")
-    spec = write_spec(tmp_path, brokers, backend="secretflow")
+    spec = write_spec(tmp_path, brokers, backend=backend)
     procs = {p: subprocess.Popen([str(BIN / "psi-run"), str(spec), "--party", p,
                                   "--log-dir", str(tmp_path / "logs")],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -240,7 +242,7 @@ def test_secretflow_ctrl_c_stops_both_sides(tmp_path, brokers):
     t = time.monotonic()
     procs["alice"].send_signal(signal.SIGINT)
     results = {p: (proc.communicate(timeout=120), proc.returncode) for p, proc in procs.items()}
-    assert time.monotonic() - t < 30  # not the 90 s peer-silence limit
+    assert time.monotonic() - t < 15  # at once, not at the 90 s peer-silence limit
     (_, a_err), a_code = results["alice"]
     (_, b_err), b_code = results["bob"]
     assert a_code == 130 and "interrupted; no result was written" in a_err.decode()

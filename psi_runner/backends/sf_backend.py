@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 
 from ..errors import BackendError, PeerError, PreflightError
@@ -144,16 +143,13 @@ def run(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], session: 
     failed = True
     t1 = time.monotonic()
     try:
-        sigint = signal.getsignal(signal.SIGINT)
+        # SecretFlow's fed layer installs a SIGINT handler that lets the job run on; it never
+        # fires, since psi-run's job process takes SIGINT in its own thread (interrupts.py).
         try:
             sf.init(**init_args)
         except Exception as exc:  # noqa: BLE001
             log.error("sf.init failed: %s", exc, exc_info=True)
             raise translate_spu_error(exc, spec, party, "starting SecretFlow") from exc
-        finally:
-            # SecretFlow's fed layer takes over Ctrl-C (and then lets the job run on); give it
-            # back to psi-run, which stops the job and writes no result.
-            signal.signal(signal.SIGINT, sigint)
         stages["sf_init_s"] = time.monotonic() - t1
 
         t2 = time.monotonic()
