@@ -134,7 +134,7 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
 
             with JobWatchdog(spec, party, agreed, stop_job) as watchdog:
                 def on_ctrl_c() -> None:  # from the SIGINT thread, while SPU may be busy
-                    watchdog.notify_failure(f"{party} was interrupted (Ctrl-C or SIGINT)")
+                    watchdog.notify_failure(f"{party} was interrupted (Ctrl-C, SIGINT or SIGTERM)")
                     stop_job("interrupted; no result was written", EXIT_INTERRUPTED)
 
                 interrupts.set_hook(on_ctrl_c)
