@@ -14,7 +14,7 @@ from collections.abc import Callable
 from . import __version__, broker_client, data, handshake, interrupts, rayhead
 from .backends import embedded
 from .backends.calls import PsiCall
-from .errors import PreflightError, PsiRunError
+from .errors import PeerError, PreflightError, PsiRunError
 from .link import blackbox_environment
 from .spec import JobSpec
 from .watchdog import JobWatchdog
@@ -122,15 +122,12 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
         if abort is None:
             spu_count = run_psi(spec, party, call, env, session, stages)
         else:
-            def stop_job(message: str, code: int | None = None) -> None:  # ends the process
+            def stop_job(message: str, code: int = PeerError.exit_code) -> None:  # ends it all
                 try:
                     shutil.rmtree(work, ignore_errors=True)
                     broker_client.release_session(me.broker, session, party)
                 finally:
-                    if code is None:
-                        abort(message)
-                    else:
-                        abort(message, code)
+                    abort(message, code)
 
             with JobWatchdog(spec, party, agreed, stop_job) as watchdog:
                 def on_ctrl_c() -> None:  # from the SIGINT thread, while SPU may be busy
@@ -164,7 +161,9 @@ def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
         shutil.rmtree(work, ignore_errors=True)
         broker_client.release_session(me.broker, session, party)
         if spec.backend != "embedded":
-            broker_client.release_session(me.broker, session + "-fed", party)
+            from .backends.sf_backend import FED_SUFFIX
+
+            broker_client.release_session(me.broker, session + FED_SUFFIX, party)
         handshake.finish(spec, party)
 
     stages["total_s"] = time.monotonic() - started

@@ -123,13 +123,10 @@ def blackbox_environment(
     return env
 
 
-def create_blackbox_link(
-    settings: LinkSettings, parties: list[str], self_party: str, link_id: str, env: dict[str, str]
-):
-    """Create SPU's link context through the broker. Blocks until the peer's link answers."""
+def blackbox_desc(settings: LinkSettings, parties: list[str], link_id: str):
+    """SPU's link description for a blackbox link through the party's broker."""
     import spu.libspu.link as spu_link  # heavy import: only when a link is made
 
-    os.environ.update(env)
     desc = spu_link.Desc()
     desc.id = link_id
     for party in parties:
@@ -137,4 +134,15 @@ def create_blackbox_link(
     for key, value in settings.as_dict().items():
         setattr(desc, key, value)
     desc.link_type = "blackbox"
-    return spu_link.create_brpc(desc, parties.index(self_party))
+    return desc
+
+
+def create_blackbox_link(
+    settings: LinkSettings, parties: list[str], self_party: str, link_id: str, env: dict[str, str]
+):
+    """Create SPU's link context through the broker. Blocks until the peer's link answers."""
+    import spu.libspu.link as spu_link
+
+    os.environ.update(env)
+    return spu_link.create_brpc(blackbox_desc(settings, parties, link_id),
+                                parties.index(self_party))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -116,6 +117,16 @@ def run_ok(spec: Path, parties: list[str], stall_retries: int = 0, **kw) -> list
         assert r.returncode == 0, f"{p} failed ({r.returncode}): {r.stderr}"
         assert "Traceback" not in r.stderr
     return [json.loads(r.stdout) for r in results]
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout_s`` passes (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def _http(broker: LocalBroker, op: str, headers: dict, body: bytes = b"", query: str = ""):

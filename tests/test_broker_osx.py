@@ -23,6 +23,7 @@ from conftest import (
     read_result,
     run_ok,
     write_csv,
+    wait_for,
     write_spec,
 )
 from psi_runner.localnet import LocalBroker, route_to, start_pair
@@ -31,15 +32,6 @@ FLOW_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\|(http|https|grpc|grpcs|-)\|\d+_\d+\|[A-Z_]+\|"
     r"session:[^|]*\|topic:[^|]*\|des:[^|]*\|code:(E\d{10})?\|cost:\d+\|[^|]*\|size:\d+\|msg:.*$"
 )
-
-
-def _wait(predicate, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _psi_data(folder, rows=300, seed=4):
@@ -62,15 +54,15 @@ def test_route_edit_takes_effect_and_a_broken_edit_keeps_the_table(tmp_path, bro
     table = alice.conf_dir / "route_table.json"
     good = table.read_text()
     table.write_text(good.replace('"route_table"', '"route_table" ,,'))  # not JSON any more
-    assert _wait(lambda: "rejected" in (alice.conf_dir / "logs/broker.log").read_text())
+    assert wait_for(lambda: "rejected" in (alice.conf_dir / "logs/broker.log").read_text())
     log = (alice.conf_dir / "logs/broker.log").read_text()
     assert "line 2, column" in log and str(table) in log
     assert _http(alice, "push", _hdr("r1", "t", "alice", "bob"), b"2").code == codes.OK
     alice.write_routes({})  # a valid edit: bob is no longer routed
-    assert _wait(lambda: _http(alice, "push", _hdr("r1", "t", "alice", "bob"), b"3").code
+    assert wait_for(lambda: _http(alice, "push", _hdr("r1", "t", "alice", "bob"), b"3").code
                  == codes.ROUTE_NOT_FOUND)
     alice.write_routes({"bob": {"default": route_to(bob)}})
-    assert _wait(lambda: _http(alice, "push", _hdr("r1", "t", "alice", "bob"), b"4").code
+    assert wait_for(lambda: _http(alice, "push", _hdr("r1", "t", "alice", "bob"), b"4").code
                  == codes.OK)
 
 
@@ -112,7 +104,7 @@ def test_token_is_required_when_configured(tmp_path):
             codes.NOT_FOUND
         assert "|REFUSED|" in bob.flow_log()
         alice.write_routes({"bob": {"default": [{**route_to(bob)[0], "token": "s3cret"}]}})
-        assert _wait(lambda: _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"y").code
+        assert wait_for(lambda: _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"y").code
                      == codes.OK)
         got = _http(bob, "pop", _hdr("k1", "t", "bob"), query="?timeout=2")
         assert got.code == codes.OK and got.payload == b"y"
@@ -126,7 +118,7 @@ def test_idle_queues_expire(tmp_path):
         "queue.max.free.time": "500", "queue.check.interval": "200"})
     try:
         assert _http(alice, "push", _hdr("e1", "t", "alice", "bob"), b"old").code == codes.OK
-        assert _wait(lambda: "|QUEUE_EXPIRED|" in bob.flow_log(), 5)
+        assert wait_for(lambda: "|QUEUE_EXPIRED|" in bob.flow_log(), 5)
         assert _http(bob, "pop", _hdr("e1", "t", "bob"), query="?timeout=0").code == \
             codes.NOT_FOUND
     finally:
@@ -251,6 +243,6 @@ def test_sigterm_answers_waiting_pops_and_exits_promptly(brokers):
 def test_invalid_route_edit_is_logged_with_the_problem(tmp_path, brokers, bad):
     alice, _ = brokers
     (alice.conf_dir / "route_table.json").write_text(bad)
-    assert _wait(lambda: "route_table.x.default[0].port" in
+    assert wait_for(lambda: "route_table.x.default[0].port" in
                  (alice.conf_dir / "logs/broker.log").read_text())
     assert json.loads(json.dumps(alice.health()))["routes"] == ["bob"]  # previous table in use

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import make_ids, write_csv, write_spec
+from conftest import make_ids, wait_for, write_csv, write_spec
 from psi_runner.localnet import BIN
 
 
@@ -19,15 +19,6 @@ def _start(spec, party, env=None):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, **(env or {})},
     )
-
-
-def _wait_for(predicate, timeout_s):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 def test_peer_killed_after_handshake_ends_the_other_side_readably(tmp_path, brokers):
@@ -40,7 +31,7 @@ def test_peer_killed_after_handshake_ends_the_other_side_readably(tmp_path, brok
     env = {"PSI_RUN_PEER_SILENCE_S": "15"}
     a = _start(spec, "alice", env)
     b = _start(spec, "bob", env)
-    assert _wait_for(lambda: "handshake with alice done" in _log(tmp_path, "bob"), 60)
+    assert wait_for(lambda: "handshake with alice done" in _log(tmp_path, "bob"), 60)
     os.killpg(b.pid, signal.SIGKILL)
     b.wait()
     t = time.monotonic()
@@ -62,7 +53,7 @@ def test_brokers_gone_during_the_psi_end_both_runs_with_a_small_log(tmp_path, br
     spec = write_spec(tmp_path, brokers, protocol="KKRT")
     a = _start(spec, "alice")
     b = _start(spec, "bob")
-    assert _wait_for(lambda: "PsiReceiver::Init" in _log(tmp_path, "alice"), 60)
+    assert wait_for(lambda: "PsiReceiver::Init" in _log(tmp_path, "alice"), 60)
     for broker in brokers:
         broker.proc.kill()
         broker.proc.wait()
@@ -105,7 +96,7 @@ def test_a_crash_of_the_job_process_is_one_readable_line(tmp_path, brokers):
     write_csv(tmp_path / "data/alice.csv", {"uid": ["1", "2"]})
     spec = write_spec(tmp_path, brokers, timeout_s=120)
     a = _start(spec, "alice")  # bob never comes: alice waits in the handshake
-    assert _wait_for(lambda: "input has 2 rows" in _log(tmp_path, "alice"), 60)
+    assert wait_for(lambda: "input has 2 rows" in _log(tmp_path, "alice"), 60)
     children = Path(f"/proc/{a.pid}/task/{a.pid}/children").read_text().split()
     assert len(children) == 1
     os.kill(int(children[0]), signal.SIGABRT)

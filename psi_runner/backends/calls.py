@@ -25,7 +25,7 @@ curve (default CURVE_25519, as ``psi_csv``) and maps ``join: inner`` to the plai
 
 from __future__ import annotations
 
-import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +113,6 @@ def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
 
     Returns ``{"original_count", "intersection_count", "link_s", "psi_s"}``; raises CallFailed.
     Runs wherever the backend puts it, so it takes only picklable arguments."""
-    import time
-
     from spu import psi as spu_psi
 
     t0 = time.monotonic()
@@ -147,5 +145,4 @@ def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
         "intersection_count": int(report.intersection_count),
         "link_s": t1 - t0,
         "psi_s": time.monotonic() - t1,
-        "pid": os.getpid(),
     }

@@ -28,14 +28,14 @@ import os
 import time
 
 from ..errors import BackendError, PeerError, PreflightError
-from ..link import LinkSettings
+from ..link import LinkSettings, blackbox_desc
 from ..spec import JobSpec
 from .calls import CallFailed, PsiCall, execute
 from .translate import translate_spu_error
 
 log = logging.getLogger("psi_runner.backends.secretflow")
 
-FED_SUFFIX = "-fed"
+FED_SUFFIX = "-fed"  # SecretFlow's own link runs on session "<session>-fed"
 
 
 def placeholder_address(party: str) -> str:
@@ -51,16 +51,7 @@ def _broker_link_proxy(base: type, parties: list[str], env: dict[str, str],
 
     def __init__(self, *args, **kwargs):  # noqa: N807
         base.__init__(self, *args, **kwargs)
-        import spu.libspu.link as spu_link
-
-        desc = spu_link.Desc()
-        desc.id = env["config.session_id"]
-        for party in parties:
-            desc.add_party(party, party)  # blackbox: the "host" is the party's node id
-        for key, value in settings.as_dict().items():
-            setattr(desc, key, value)
-        desc.link_type = "blackbox"
-        self._desc = desc
+        self._desc = blackbox_desc(settings, parties, env["config.session_id"])
 
     def start(self):
         os.environ.update(env)  # the blackbox link reads these when it is created
