@@ -42,7 +42,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import yaml
 
-from psi_runner.localnet import BIN, LocalRayHead, run_parties, start_pair
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's harness/
+from harness.localnet import BIN, LocalRayHead, run_parties, start_pair  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BARE = HERE / "bare_psi.py"

@@ -1,27 +1,34 @@
-"""Exception tree of psi-run, and the exit code each branch maps to.
+"""Exception tree of psi-run; each branch declares the exit code it maps to (the only place).
 
-    PsiRunError                 root (exit 1)
+    PsiRunError                 root; an unexpected failure (exit 1)
     ├── SpecError               the job spec is unreadable or invalid (exit 2)
     ├── PreflightError          local input, output or broker is not usable (exit 3)
-    ├── PeerError               the peer did not appear or runs a different job (exit 4)
-    └── BackendError            SPU/SecretFlow failed during the PSI (exit 5)
+    ├── PeerError               the peer did not appear, failed or runs a different job (exit 4)
+    ├── BackendError            SPU/SecretFlow failed during the PSI (exit 5)
+    ├── EngineCrashed           the job process died by a signal, e.g. SPU's SIGABRT (exit 6)
+    └── Interrupted             Ctrl-C (SIGINT) or SIGTERM; no result was written (exit 130)
 
-Only the CLI turns these into an exit code and a one-line message.
+Only the CLI turns these into an exit code and a one-line message; ``EXIT_CODES`` lists them
+for the README and ``psi-run --help``.
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
 
 
 class PsiRunError(Exception):
     """Root of every error psi-run raises on purpose."""
 
     exit_code = 1
+    meaning = "an unexpected failure (a bug; the log file has the traceback)"
 
 
 class SpecError(PsiRunError):
     """The job spec cannot be used; ``problems`` lists every issue with its key path."""
 
     exit_code = 2
+    meaning = "the job spec is unreadable or invalid"
 
     def __init__(self, path: str, problems: list[str]) -> None:
         self.path = path
@@ -37,15 +44,40 @@ class PreflightError(PsiRunError):
     """A local check before any network activity failed."""
 
     exit_code = 3
+    meaning = "a local check failed (input, output, log folder, broker, Ray head)"
 
 
 class PeerError(PsiRunError):
-    """The peer party is missing, unreachable or disagrees about the job."""
+    """The peer party is missing, unreachable, failed, or disagrees about the job."""
 
     exit_code = 4
+    meaning = "the peer did not appear, failed, or runs a different job"
 
 
 class BackendError(PsiRunError):
     """The PSI itself failed; the raw SPU/SecretFlow text is in the log file."""
 
     exit_code = 5
+    meaning = "the PSI itself failed (SPU or SecretFlow)"
+
+
+class EngineCrashed(PsiRunError):
+    """The job process was killed by a signal (SPU's C++ code aborted or crashed)."""
+
+    exit_code = 6
+    meaning = "the job process was killed by a signal (e.g. SPU's SIGABRT)"
+
+
+class Interrupted(PsiRunError):
+    """The run was stopped by Ctrl-C (SIGINT) or SIGTERM; no result was written."""
+
+    exit_code = 130
+    meaning = "stopped by Ctrl-C (SIGINT) or SIGTERM"
+
+
+def exit_codes() -> list[tuple[int, str]]:
+    """``(code, meaning)`` for every exit code psi-run uses, in code order."""
+    tree = (PsiRunError, SpecError, PreflightError, PeerError, BackendError, EngineCrashed,
+            Interrupted)
+    return [(EXIT_OK, "the job succeeded; stdout holds the JSON report")] + sorted(
+        (cls.exit_code, cls.meaning) for cls in tree)

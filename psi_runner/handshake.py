@@ -21,22 +21,20 @@ import logging
 import secrets
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
 from . import __version__
-from .broker_client import urlopen
+from broker import codes
+
+from .broker_client import BrokerClient
 from .digest import shared_fields, spec_digest
 from .errors import PeerError, PreflightError
 from .spec import JobSpec
 
 log = logging.getLogger("psi_runner.handshake")
 
-OK = "E0000000000"
-NOT_FOUND = "E0000000404"
 PROGRESS_EVERY_S = 10.0
 RESEND_EVERY_S = 2.0
 
@@ -63,36 +61,23 @@ class Agreement:
 
 
 class _Channel:
-    """Push/pop of control messages through our own broker's HTTP PTP API."""
+    """Push/pop of JSON control messages through our own broker."""
 
     def __init__(self, broker: str, session: str, me: str, peer: str) -> None:
-        self.base = f"http://{broker}/v1/interconn/chan/"
+        self.client = BrokerClient(broker)
         self.session = session
         self.me = me
         self.peer = peer
 
-    def _call(self, op: str, headers: dict[str, str], body: bytes, timeout_s: float):
-        from broker.proto.http_ptp_pb2 import TransportOutbound
-
-        req = urllib.request.Request(self.base + op, data=body, method="POST", headers={
-            "x-ptp-session-id": self.session, **headers})
-        with urlopen(req, timeout=timeout_s) as resp:
-            out = TransportOutbound()
-            out.ParseFromString(resp.read())
-            return out
-
     def push(self, message: dict) -> tuple[str, str]:
         body = json.dumps(message, sort_keys=True).encode("utf-8")
-        out = self._call("push", {"x-ptp-topic": f"hs-{self.me}-{self.peer}",
-                                  "x-ptp-source-node-id": self.me,
-                                  "x-ptp-target-node-id": self.peer}, body, 120)
+        out = self.client.push(self.session, f"hs-{self.me}-{self.peer}", self.me, self.peer,
+                               body)
         return out.code, out.message
 
     def pop(self, timeout_s: float) -> dict | None:
-        out = self._call(f"pop?timeout={timeout_s:g}",
-                         {"x-ptp-topic": f"hs-{self.peer}-{self.me}",
-                          "x-ptp-source-node-id": self.me}, b"", timeout_s + 10)
-        if out.code != OK or not out.payload:
+        out = self.client.pop(self.session, f"hs-{self.peer}-{self.me}", self.me, timeout_s)
+        if out.code != codes.OK or not out.payload:
             return None
         try:
             msg = json.loads(out.payload.decode("utf-8"))
@@ -102,10 +87,7 @@ class _Channel:
         return msg if isinstance(msg, dict) else None
 
     def release(self) -> None:
-        try:
-            self._call("release", {"x-ptp-source-node-id": self.me}, b"", 5)
-        except (urllib.error.URLError, OSError):
-            pass
+        self.client.release(self.session, self.me)
 
 
 class _Sender(threading.Thread):
@@ -145,10 +127,10 @@ class _Sender(threading.Thread):
                 msg, self._pending, self._busy = self._pending, None, True
             try:
                 code, text = self.channel.push(msg)
-            except (urllib.error.URLError, OSError) as exc:
+            except (OSError, ValueError) as exc:
                 code, text = "local", f"own broker did not answer ({getattr(exc, 'reason', exc)})"
             with self._cond:
-                self.last_error = "" if code == OK else (text or code)
+                self.last_error = "" if code == codes.OK else (text or code)
                 self._busy = False
                 self._cond.notify_all()
 
@@ -233,7 +215,7 @@ def handshake(spec: JobSpec, me: str, timeout_s: float, mode: str = "run",
                 last_send = now
             try:
                 msg = channel.pop(min(1.0, max(timeout_s - waited, 0.05)))
-            except (urllib.error.URLError, OSError) as exc:
+            except (OSError, ValueError) as exc:
                 raise PreflightError(
                     f"broker {broker} of party {me} stopped answering during the handshake "
                     f"({getattr(exc, 'reason', exc)}); check that it still runs"

@@ -1,182 +1,194 @@
-"""One party's run of a job: preflight, PSI through the broker, result file, report."""
+"""One party's run of a job, as named stages.
+
+    preflight → handshake → prepare → psi (link and PSI, under the watchdog) → output → report
+
+``JobRun`` owns what a run holds: its private work folder, its broker sessions, the watchdog
+(the control channel during the PSI), the progress sink and the cleanup. Each stage is a method
+that returns its result and raises ``PsiRunError``; ``_stage`` times every stage once and is
+the one failure path (log, announce to the peer once). Cleanup runs once, on every path.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
-from collections.abc import Callable
-
-from . import __version__, broker_client, data, handshake, interrupts, rayhead
-from .backends import embedded
+from . import __version__, broker_client, data, handshake, interrupts, report
+from .backends import BackendResult, backend_for
 from .backends.calls import PsiCall
-from .errors import PeerError, PreflightError, PsiRunError
+from .errors import Interrupted, PeerError, PsiRunError
+from .handshake import Agreement
 from .link import blackbox_environment
+from .preflight import preflight
 from .spec import JobSpec
 from .watchdog import JobWatchdog
+from .workdir import create_work_dir, remove_work_dir
 
 log = logging.getLogger("psi_runner.job")
 
-EXIT_INTERRUPTED = 130
 
+class JobRun:
+    """This party's side of one job; ``run()`` returns the report or raises ``PsiRunError``.
 
-def preflight(spec: JobSpec, party: str) -> data.InputTable:
-    """Local checks, before any network activity."""
-    if party not in spec.parties:
-        raise PreflightError(
-            f"--party {party!r} is not in the spec; the parties are {', '.join(spec.parties)}"
-        )
-    me = spec.parties[party]
-    inp = data.inspect_input(me.input, spec.keys, spec.allow_duplicate_keys)
-    data.check_output_location(me.output)
-    return inp
+    ``fatal(exc)`` ends the process with ``exc``'s line and exit code; it is called from the
+    watchdog's or the signal thread while the main thread may be inside SPU's C++ code.
+    With ``check_only`` the run stops after the handshake (a dry run)."""
 
+    def __init__(self, spec: JobSpec, party: str, log_path: Path,
+                 fatal: Callable[[PsiRunError], NoReturn], check_only: bool = False,
+                 progress: Callable[[str], None] = lambda line: None) -> None:
+        self.spec = spec
+        self.party = party
+        self.log_path = log_path
+        self.fatal = fatal
+        self.check_only = check_only
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self.work: Path | None = None
+        self.sessions: list[str] = []  # link sessions whose queues our broker should drop
+        self.watchdog: JobWatchdog | None = None
+        self._talked = False  # the handshake began: our broker holds control messages
+        self._announced = False
+        self._cleaned = False
+        self._lock = threading.Lock()
 
-def backend_runner(spec: JobSpec) -> Callable[..., int]:
-    if spec.backend == "embedded":
-        return embedded.run
-    from .backends import sf_backend
+    @property
+    def tag(self) -> str:
+        return f"job {self.spec.job_id} party {self.party}"
 
-    return sf_backend.run
-
-
-def remove_stale_work_dirs(folder: Path, party: str) -> list[Path]:
-    """Delete work folders left by runs of ``party`` that were killed (their process is gone)."""
-    removed = []
-    for path in folder.glob(f".psi-run-{party}-*-*"):
-        pid_text = path.name[len(f".psi-run-{party}-"):].split("-", 1)[0]
-        if not pid_text.isdigit() or not path.is_dir():
-            continue
+    def run(self) -> dict:
+        """Run every stage; the report."""
+        started = time.monotonic()
+        log.info("%s: psi-run %s, spec %s", self.tag, __version__, self.spec.path)
+        for warning in self.spec.link.warnings():
+            log.warning("%s: %s", self.tag, warning)
         try:
-            os.kill(int(pid_text), 0)
-            continue  # that run is still alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, under another user
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-        log.info("removed the work folder of a killed earlier run: %s", path)
-    return removed
+            with self._stage("preflight"):
+                inp = preflight(self.spec, self.party)
+            log.info("%s: input has %d rows, plain=%s", self.tag, inp.rows, inp.plain)
+            with self._stage("handshake"):
+                agreed = self._handshake()
+            if self.check_only:
+                self.seconds["total_s"] = time.monotonic() - started
+                return report.check_report(self.spec, self.party, inp.rows,
+                                           agreed.peer_versions, self.log_path, self.seconds)
+            with self._stage("prepare"):
+                call = self._prepare(inp)
+            with self._stage("psi", timed=False):
+                result = self._psi(call, agreed)
+            self.seconds.update(result.seconds)
+            with self._stage("output"):
+                rows = self._output(inp, call)
+        finally:
+            self._cleanup()
+        self.seconds["total_s"] = time.monotonic() - started
+        me = self.spec.parties[self.party]
+        return report.job_report(self.spec, self.party, inp.rows, result.intersection_count,
+                                 rows, me.output if rows is not None else None, self.log_path,
+                                 self.seconds)
 
-
-def run_job(spec: JobSpec, party: str, log_path: Path, check_only: bool = False,
-            progress: Callable[[str], None] = lambda line: None,
-            abort: Callable[..., None] | None = None) -> dict:
-    """Run this party's side of the job; return the report (raises PsiRunError).
-
-    With ``check_only`` it stops after preflight and the handshake (a dry run)."""
-    stages: dict[str, float] = {}
-    started = time.monotonic()
-    log.info("job %s party %s: psi-run %s, spec %s", spec.job_id, party, __version__, spec.path)
-    for warning in spec.link.warnings():
-        log.warning("job %s party %s: %s", spec.job_id, party, warning)
-
-    t = time.monotonic()
-    inp = preflight(spec, party)
-    me = spec.parties[party]
-    broker_client.check_broker(me.broker, party)
-    if spec.backend == "ray":
-        rayhead.check_head(party, me.ray_address)  # type: ignore[arg-type]
-    stages["preflight_s"] = time.monotonic() - t
-    log.info("job %s party %s: input has %d rows, plain=%s", spec.job_id, party, inp.rows,
-             inp.plain)
-
-    t = time.monotonic()
-    try:
-        agreed = handshake.handshake(spec, party, spec.timeout_s,
-                                     mode="check" if check_only else "run", progress=progress)
-    finally:
-        handshake.finish(spec, party)
-    stages["handshake_s"] = time.monotonic() - t
-    base = {"job_id": spec.job_id, "party": party, "peer": spec.peer_of(party),
-            "backend": spec.backend, "api": spec.api, "protocol": spec.protocol,
-            "join": spec.join, "keys": list(spec.keys), "receiver": spec.receiver,
-            "original_count": inp.rows}
-    if check_only:
-        stages["total_s"] = time.monotonic() - started
-        return {**base, "check": "ok", "peer_versions": agreed.peer_versions,
-                "log": str(log_path), "seconds": {k: round(v, 3) for k, v in stages.items()}}
-
-    remove_stale_work_dirs(me.output.parent, party)
-    work = Path(tempfile.mkdtemp(prefix=f".psi-run-{party}-{os.getpid()}-",
-                                 dir=me.output.parent))
-    session = agreed.session
-    try:
+    @contextmanager
+    def _stage(self, name: str, timed: bool = True) -> Iterator[None]:
+        """Time a stage (``<name>_s``); on failure log it and tell the peer (once)."""
         t = time.monotonic()
+        try:
+            yield
+        except PsiRunError as exc:
+            log.info("%s: stage %s failed: %s", self.tag, name, exc)
+            self._announce(f"{self.party}: {exc}")
+            raise
+        if timed:
+            self.seconds[f"{name}_s"] = time.monotonic() - t
+
+    # -- stages ------------------------------------------------------------------------
+
+    def _handshake(self) -> Agreement:
+        mode = "check" if self.check_only else "run"
+        self._talked = True
+        return handshake.handshake(self.spec, self.party, self.spec.timeout_s, mode=mode,
+                                   progress=self.progress)
+
+    def _prepare(self, inp: data.InputTable) -> PsiCall:
+        """SPU's input: the user's file as it is when SPU reads it right, else canonical keys."""
+        self.work = create_work_dir(self.spec.parties[self.party].output.parent, self.party)
+        out = self.work / "spu_output.csv"
         if inp.plain:
-            call = PsiCall(me.input, work / "spu_output.csv", spec.keys)
+            return PsiCall(self.spec.parties[self.party].input, out, self.spec.keys)
+        data.write_spu_input(inp, self.spec.keys, self.work / "spu_input.csv")
+        return PsiCall(self.work / "spu_input.csv", out, (data.KEY_COLUMN,))
+
+    def _psi(self, call: PsiCall, agreed: Agreement) -> BackendResult:
+        """The backend's link and PSI, watched: a dead peer or broker, or Ctrl-C, ends it."""
+        spec, me = self.spec, self.spec.parties[self.party]
+        backend = backend_for(spec.backend)
+        self.sessions = [agreed.session, *backend.extra_sessions(agreed.session)]
+        env = blackbox_environment(me.broker, spec.party_names, agreed.session,
+                                   trace_id=agreed.session)
+        with JobWatchdog(spec, self.party, agreed, self._peer_stopped) as self.watchdog:
+            interrupts.set_hook(self._interrupted)
+            try:
+                return backend.run(spec, self.party, call, env, agreed.session)
+            finally:
+                interrupts.set_hook(None)
+
+    def _output(self, inp: data.InputTable, call: PsiCall) -> int | None:
+        """Move the result into place (whole or not at all); its rows, None if not received."""
+        spec = self.spec
+        if not (self.party == spec.receiver or spec.broadcast_result):
+            return None
+        assert self.work is not None
+        final_tmp = self.work / "result.csv"
+        if inp.plain:
+            os.replace(call.output_path, final_tmp)
+            count = data.count_csv_rows(final_tmp)
         else:
-            data.write_spu_input(inp, spec.keys, work / "spu_input.csv")
-            call = PsiCall(
-                work / "spu_input.csv", work / "spu_output.csv", (data.KEY_COLUMN,)
-            )
-        stages["prepare_s"] = time.monotonic() - t
+            count = data.write_result(inp, data.read_result_rows(call.output_path), final_tmp)
+        os.replace(final_tmp, spec.parties[self.party].output)  # same folder: atomic
+        return count
 
-        env = blackbox_environment(me.broker, spec.party_names, session, trace_id=session)
-        run_psi = backend_runner(spec)
-        if abort is None:
-            spu_count = run_psi(spec, party, call, env, session, stages)
-        else:
-            def stop_job(message: str, code: int = PeerError.exit_code) -> None:  # ends it all
-                try:
-                    shutil.rmtree(work, ignore_errors=True)
-                    broker_client.release_session(me.broker, session, party)
-                finally:
-                    abort(message, code)
+    # -- failure and cleanup -----------------------------------------------------------
 
-            with JobWatchdog(spec, party, agreed, stop_job) as watchdog:
-                def on_ctrl_c() -> None:  # from the SIGINT thread, while SPU may be busy
-                    watchdog.notify_failure(f"{party} was interrupted (Ctrl-C, SIGINT or SIGTERM)")
-                    stop_job("interrupted; no result was written", EXIT_INTERRUPTED)
+    def _announce(self, reason: str) -> None:
+        """Tell the peer our side failed (once), so it stops now instead of at a timeout."""
+        with self._lock:
+            if self._announced or self.watchdog is None:
+                return
+            self._announced = True
+        self.watchdog.notify_failure(reason)
 
-                interrupts.set_hook(on_ctrl_c)
-                try:
-                    spu_count = run_psi(spec, party, call, env, session, stages,
-                                        watchdog=watchdog)
-                except PsiRunError as exc:
-                    watchdog.notify_failure(f"{party}: {exc}")
-                    raise
-                finally:
-                    interrupts.set_hook(None)
+    def _peer_stopped(self, message: str) -> None:
+        """From the watchdog: the peer or our broker is gone."""
+        self._stop_now(PeerError(message))
 
-        t = time.monotonic()
-        receives = party == spec.receiver or spec.broadcast_result
-        count = None
-        if receives:
-            final_tmp = work / "result.csv"
-            if inp.plain:
-                os.replace(call.output_path, final_tmp)
-                count = data.count_csv_rows(final_tmp)
-            else:
-                rows = data.read_result_rows(call.output_path)
-                count = data.write_result(inp, rows, final_tmp)
-            os.replace(final_tmp, me.output)  # same folder: the result appears whole or not at all
-        stages["output_s"] = time.monotonic() - t
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        broker_client.release_session(me.broker, session, party)
-        if spec.backend != "embedded":
-            from .backends.sf_backend import FED_SUFFIX
+    def _interrupted(self) -> None:
+        """From the signal thread, during the PSI."""
+        self._announce(f"{self.party} was interrupted (Ctrl-C, SIGINT or SIGTERM)")
+        self._stop_now(Interrupted("interrupted; no result was written"))
 
-            broker_client.release_session(me.broker, session + FED_SUFFIX, party)
-        handshake.finish(spec, party)
+    def _stop_now(self, exc: PsiRunError) -> NoReturn:
+        try:
+            self._cleanup()
+        finally:
+            self.fatal(exc)
 
-    stages["total_s"] = time.monotonic() - started
-    if spec.join != "inner":
-        # SPU's count is the size of the intersection; the file holds the joined rows.
-        extra = {"intersection_count": spu_count if spu_count >= 0 else None,
-                 "output_rows": count}
-    else:
-        extra = {"intersection_count": count}
-    return {
-        **base,
-        **extra,
-        "output": str(me.output) if count is not None else None,
-        "log": str(log_path),
-        "seconds": {k: round(v, 3) for k, v in stages.items()},
-    }
+    def _cleanup(self) -> None:
+        """Remove the work folder and drop our queues at our broker (once, on every path)."""
+        with self._lock:
+            if self._cleaned:
+                return
+            self._cleaned = True
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        remove_work_dir(self.work)
+        if not self._talked:
+            return
+        for session in self.sessions:
+            broker_client.release_session(self.spec.parties[self.party].broker, session,
+                                          self.party)
+        handshake.finish(self.spec, self.party)

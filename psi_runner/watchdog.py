@@ -18,7 +18,6 @@ import logging
 import os
 import threading
 import time
-import urllib.error
 from collections.abc import Callable
 
 from .broker_client import check_broker
@@ -58,6 +57,10 @@ class JobWatchdog:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop watching and beating (idempotent); ``notify_failure`` still works."""
         self._stop.set()
 
     def _message(self, kind: str, **extra: str) -> dict:
@@ -68,14 +71,14 @@ class JobWatchdog:
         """Tell the peer our side failed, so it stops now instead of at its timeout."""
         try:
             self.channel.push(self._message("abort", reason=reason[:500]))
-        except (urllib.error.URLError, OSError):
+        except (OSError, ValueError):
             log.warning("could not tell %s that the job failed", self.peer)
 
     def _beat(self) -> None:
         while not self._stop.wait(BEAT_EVERY_S):
             try:
                 self.channel.push(self._message("beat"))
-            except (urllib.error.URLError, OSError):
+            except (OSError, ValueError):
                 pass  # the broker check reports a dead broker
 
     def _fire(self, message: str) -> None:
@@ -110,7 +113,7 @@ class JobWatchdog:
                     "was written; check its log and run the job again")
             try:
                 msg = self.channel.pop(1.0)
-            except (urllib.error.URLError, OSError):
+            except (OSError, ValueError):
                 time.sleep(1.0)
                 continue
             if not msg or msg.get("nonce") != self.agreed.peer_nonce:

@@ -9,15 +9,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import urllib.request
 
 import pytest
 import yaml
 
-from broker.proto import http_ptp_pb2
-from psi_runner.broker_client import urlopen
+from psi_runner.broker_client import BrokerClient, ptp_headers
 
-from psi_runner.localnet import LocalBroker, run_parties, start_pair
+from harness.localnet import LocalBroker, run_parties, start_pair
 
 # Key values that have broken SPU's CSV handling or naive tooling: commas, quotes, spaces,
 # non-ASCII, '~' (the canonical-encoding marker), hex-looking text, an empty-looking quote.
@@ -130,19 +128,9 @@ def wait_for(predicate, timeout_s: float = 10.0) -> bool:
 
 
 def _http(broker: LocalBroker, op: str, headers: dict, body: bytes = b"", query: str = ""):
-    req = urllib.request.Request(
-        f"http://{broker.http}/v1/interconn/chan/{op}{query}", data=body, method="POST",
-        headers=headers,
-    )
-    with urlopen(req, timeout=10) as resp:
-        assert resp.status == 200
-        out = http_ptp_pb2.TransportOutbound()
-        out.ParseFromString(resp.read())
-        return out
+    """One PTP call to ``broker``'s HTTP port (a non-200 answer raises HTTPError)."""
+    return BrokerClient(broker.http).call(op, headers, body, query=query)
 
 
 def _hdr(session, topic, source, target=""):
-    h = {"x-ptp-session-id": session, "x-ptp-topic": topic, "x-ptp-source-node-id": source}
-    if target:
-        h["x-ptp-target-node-id"] = target
-    return h
+    return ptp_headers(session, topic, source, target)

@@ -29,7 +29,7 @@ from conftest import (
     write_csv,
     write_spec,
 )
-from psi_runner.localnet import BIN, LocalRayHead, run_parties
+from harness.localnet import BIN, LocalRayHead, run_parties
 from test_join import check_join, join_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -370,7 +370,7 @@ def test_ray_head_without_the_party_resource(tmp_path, brokers, ray_heads):
 
 def test_missing_ray_head_prints_the_ray_start_command(tmp_path, brokers):
     _data(tmp_path, random.Random(24), tricky=False)
-    from psi_runner.localnet import free_port_block
+    from harness.localnet import free_port_block
 
     base = free_port_block()
     spec = write_spec(tmp_path, brokers, backend="ray")

@@ -26,7 +26,7 @@ from conftest import (
     wait_for,
     write_spec,
 )
-from psi_runner.localnet import LocalBroker, route_to, start_pair
+from harness.localnet import LocalBroker, route_to, start_pair
 
 FLOW_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\|(http|https|grpc|grpcs|-)\|\d+_\d+\|[A-Z_]+\|"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import write_csv, write_spec
-from psi_runner.localnet import BIN, run_parties, start_pair
+from harness.localnet import BIN, run_parties, start_pair
 
 LOG_LINE = "psi-run: log file "
 

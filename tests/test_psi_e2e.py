@@ -20,7 +20,7 @@ from conftest import (
     write_csv,
     write_spec,
 )
-from psi_runner.localnet import start_pair
+from harness.localnet import start_pair
 
 
 def _single_key_data(folder: Path, rng: random.Random, tricky: bool,

@@ -22,7 +22,7 @@ from conftest import (
     write_spec,
 )
 from psi_runner.handshake import _differences, versions
-from psi_runner.localnet import BIN, run_parties
+from harness.localnet import BIN, run_parties
 from psi_runner.spec import load_spec
 
 

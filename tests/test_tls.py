@@ -40,7 +40,7 @@ from conftest import (
     write_csv,
     write_spec,
 )
-from psi_runner.localnet import LocalBroker
+from harness.localnet import LocalBroker
 
 SERVERS = ("alice", "bob", "carol")
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from conftest import make_ids, wait_for, write_csv, write_spec
-from psi_runner.localnet import BIN
+from harness.localnet import BIN
 
 
 def _start(spec, party, env=None):
@@ -76,7 +76,7 @@ def _log(folder, party) -> str:
 
 
 def test_work_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
-    from psi_runner.job import remove_stale_work_dirs
+    from psi_runner.workdir import remove_stale_work_dirs
 
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -125,7 +125,7 @@ def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
         # makes sure both sides have read the first test message before either sends again.
         lctx.barrier()
     except Exception as exc:  # noqa: BLE001 - SPU raises plain RuntimeError
-        raise CallFailed("creating the SPU link", str(exc)) from None
+        raise CallFailed("creating the SPU link", str(exc)) from exc
     t1 = time.monotonic()
     try:
         if spec.api == "psi_csv":
@@ -133,7 +133,7 @@ def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
         else:
             report = spu_psi.psi(v2_config(spec, party, call), lctx)
     except Exception as exc:  # noqa: BLE001
-        raise CallFailed("running the PSI", str(exc)) from None
+        raise CallFailed("running the PSI", str(exc)) from exc
     finally:
         try:
             lctx.stop_link()

@@ -26,16 +26,25 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
 
-from ..errors import BackendError, PeerError, PreflightError
+from ..errors import BackendError, PeerError, PsiRunError
 from ..link import LinkSettings, blackbox_desc
 from ..spec import JobSpec
+from . import BackendResult
 from .calls import CallFailed, PsiCall, execute
 from .translate import translate_spu_error
 
 log = logging.getLogger("psi_runner.backends.secretflow")
 
 FED_SUFFIX = "-fed"  # SecretFlow's own link runs on session "<session>-fed"
+
+
+def extra_sessions(session: str) -> list[str]:
+    """SecretFlow's own (fed) link session, besides the SPU link's."""
+    return [session + FED_SUFFIX]
 
 
 def placeholder_address(party: str) -> str:
@@ -57,8 +66,30 @@ def _broker_link_proxy(base: type, parties: list[str], env: dict[str, str],
         os.environ.update(env)  # the blackbox link reads these when it is created
         return base.start(self)
 
-    return type(f"Brokered{base.__name__}", (base,),
-                {"__init__": __init__, "start": start, "psi_run_original": base})
+    return type(f"Brokered{base.__name__}", (base,), {"__init__": __init__, "start": start})
+
+
+@contextmanager
+def _fed_link_through_broker(ray_mode: bool, parties: list[str], env: dict[str, str],
+                             settings: LinkSettings) -> Iterator[None]:
+    """Swap the fed layer's brpc-link proxy class for a brokered one while the job runs.
+
+    Neither ``sf.init`` nor SecretFlow's own fed layer take a proxy class, so this is the one
+    place psi-run changes a SecretFlow/RayFed attribute; the original is put back after."""
+    if ray_mode:
+        import fed.proxy.brpc_link.link as module  # RayFed (Ray mode)
+
+        name = "BrpcLinkSenderReceiverProxy"
+    else:
+        import secretflow.distributed.fed.api as module  # SecretFlow's own fed
+
+        name = "BrpcLinkProxy"
+    original = getattr(module, name)
+    setattr(module, name, _broker_link_proxy(original, parties, env, settings))
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 def party_task(spec: JobSpec, party: str, call: PsiCall | None, env: dict[str, str] | None,
@@ -83,10 +114,7 @@ def _own_result(obj: object, ray_mode: bool) -> dict:
     return fed_object.get_object()
 
 
-def run(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], session: str,
-        stages: dict[str, float], **_: object) -> int:
-    """Run the PSI through SecretFlow; return this party's intersection count (-1: none)."""
-    t0 = time.monotonic()
+def _import_secretflow(spec: JobSpec) -> ModuleType:
     try:
         import secretflow as sf
     except Exception as exc:  # noqa: BLE001 - a broken install shows up as any exception
@@ -95,55 +123,83 @@ def run(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], session: 
             f"job {spec.job_id}: backend {spec.backend} needs SecretFlow, which cannot be "
             f"imported ({type(exc).__name__}: {str(exc)[:150]}); run scripts/setup.sh again, "
             "or use backend: embedded") from exc
+    return sf
 
-    stages["import_s"] = time.monotonic() - t0
-    ray_mode = spec.backend == "ray"
-    parties = spec.party_names
-    fed_env = {**env, "config.session_id": session + FED_SUFFIX}
-    if ray_mode:
-        import fed.proxy.brpc_link.link as proxy_module  # RayFed (Ray mode)
 
-        proxy_name = "BrpcLinkSenderReceiverProxy"
-    else:
-        import secretflow.distributed.fed.api as proxy_module  # SecretFlow's own fed
-
-        proxy_name = "BrpcLinkProxy"
-    original = getattr(proxy_module, proxy_name)
-    original = getattr(original, "psi_run_original", original)
-    setattr(proxy_module, proxy_name,
-            _broker_link_proxy(original, parties, fed_env, spec.link))
-
+def _init_args(spec: JobSpec, party: str, session: str) -> dict:
     cluster_config = {
         "parties": {p: {"address": placeholder_address(p),
-                        "listen_addr": placeholder_address(p)} for p in parties},
+                        "listen_addr": placeholder_address(p)} for p in spec.party_names},
         "self_party": party,
     }
-    init_args: dict = {
+    args: dict = {
         "cluster_config": cluster_config,
         "cross_silo_comm_backend": "brpc_link",
         "job_name": session,
         "logging_level": "info",
         "enable_waiting_for_other_parties_ready": True,
     }
-    if ray_mode:
-        init_args.update(address=spec.parties[party].ray_address, ray_mode=True,
-                         log_to_driver=True, ignore_reinit_error=True)
+    if spec.backend == "ray":
+        args.update(address=spec.parties[party].ray_address, ray_mode=True,
+                    log_to_driver=True, ignore_reinit_error=True)
     else:
-        init_args.update(ray_mode=False)
+        args.update(ray_mode=False)
+    return args
 
+
+class _Steps:
+    """Times the steps of a SecretFlow run and remembers which one is running (for errors)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.current = "starting SecretFlow"
+
+    @contextmanager
+    def step(self, key: str, during: str | None = None) -> Iterator[None]:
+        if during:
+            self.current = during
+        t = time.monotonic()
+        yield
+        self.seconds[key] = time.monotonic() - t
+
+
+def run(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
+        session: str) -> BackendResult:
+    """Run the PSI through SecretFlow; this party's intersection count (-1: none).
+
+    The one boundary where SecretFlow's, RayFed's and SPU's errors become psi-run's."""
+    steps = _Steps()
+    with steps.step("import_s"):
+        sf = _import_secretflow(spec)
+    fed_env = {**env, "config.session_id": session + FED_SUFFIX}
     failed = True
-    t1 = time.monotonic()
     try:
-        # SecretFlow's fed layer installs a SIGINT handler that lets the job run on; it never
-        # fires, since psi-run's job process takes SIGINT in its own thread (interrupts.py).
-        try:
-            sf.init(**init_args)
-        except Exception as exc:  # noqa: BLE001
-            log.error("sf.init failed: %s", exc, exc_info=True)
-            raise translate_spu_error(exc, spec, party, "starting SecretFlow") from exc
-        stages["sf_init_s"] = time.monotonic() - t1
+        with _fed_link_through_broker(spec.backend == "ray", spec.party_names, fed_env,
+                                      spec.link):
+            # SecretFlow's fed layer installs a SIGINT handler that lets the job run on; it
+            # never fires: psi-run's job process takes SIGINT in its own thread (interrupts).
+            with steps.step("sf_init_s"):
+                sf.init(**_init_args(spec, party, session))
+            count = _run_tasks(sf, spec, party, call, env, session, steps)
+        failed = False
+        return BackendResult(count, steps.seconds)
+    except PsiRunError:
+        raise
+    except CallFailed as exc:
+        log.error("%s failed: %s", exc.stage, exc)
+        raise translate_spu_error(exc, spec, party, exc.stage) from exc
+    except Exception as exc:  # noqa: BLE001 - SecretFlow/RayFed errors of any kind
+        log.error("%s failed: %s", steps.current, exc, exc_info=True)
+        raise translate_spu_error(exc, spec, party, steps.current) from exc
+    finally:
+        with steps.step("shutdown_s"):
+            _shutdown(sf, failed)
 
-        t2 = time.monotonic()
+
+def _run_tasks(sf: ModuleType, spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
+               session: str, steps: _Steps) -> int:
+    parties = spec.party_names
+    with steps.step("psi_task_s", during="running the job in SecretFlow"):
         # The identical sequence on both sides: one task per party in spec order; each
         # party executes only its own (its arguments never leave this process).
         objs = [
@@ -151,37 +207,26 @@ def run(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], session: 
                                   env if p == party else None, session)
             for p in parties
         ]
-        mine = _own_result(objs[parties.index(party)], ray_mode)
-        stages["psi_task_s"] = time.monotonic() - t2
-        if "error" in mine:
-            log.error("%s failed: %s", mine["stage"], mine["error"])
-            # job.py tells the peer (its watchdog) so it stops now rather than at a timeout
-            raise translate_spu_error(RuntimeError(mine["error"]), spec, party, mine["stage"])
-        stages["link_s"] = mine["link_s"]
-        stages["psi_s"] = mine["psi_s"]
-
-        t3 = time.monotonic()
+        mine = _own_result(objs[parties.index(party)], spec.backend == "ray")
+    if "error" in mine:
+        raise CallFailed(mine["stage"], mine["error"])
+    steps.seconds["link_s"] = mine["link_s"]
+    steps.seconds["psi_s"] = mine["psi_s"]
+    with steps.step("reveal_s"):
         reports = sf.reveal(objs)  # cross-silo: each side learns the other's report
-        stages["reveal_s"] = time.monotonic() - t3
-        peer_report = reports[1 - parties.index(party)]
-        if "error" in peer_report:
-            raise PeerError(f"job {spec.job_id}: {spec.peer_of(party)} failed "
-                            f"{peer_report['stage']}: {peer_report['error'][:200]}")
-        log.info("job %s party %s: reports %s", spec.job_id, party, reports)
-        failed = False
-        return int(mine["intersection_count"])
-    except (BackendError, PeerError, PreflightError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - SecretFlow/RayFed errors of any kind
-        log.error("SecretFlow failed: %s", exc, exc_info=True)
-        raise translate_spu_error(exc, spec, party, "running the job in SecretFlow") from exc
-    finally:
-        t4 = time.monotonic()
-        # SecretFlow's fed layer ends the process (os._exit(1)) when shut down after an error
-        # unless this is set; psi-run must live on to clean up and say what went wrong.
-        os.environ["SF_UT_DO_NOT_EXIT_ENV_FLAG"] = "1"
-        try:
-            sf.shutdown(barrier_on_shutdown=False, on_error=failed)
-        except Exception:  # noqa: BLE001
-            log.warning("sf.shutdown failed", exc_info=True)
-        stages["shutdown_s"] = time.monotonic() - t4
+    peer_report = reports[1 - parties.index(party)]
+    if "error" in peer_report:
+        raise PeerError(f"job {spec.job_id}: {spec.peer_of(party)} failed "
+                        f"{peer_report['stage']}: {peer_report['error'][:200]}")
+    log.info("job %s party %s: reports %s", spec.job_id, party, reports)
+    return int(mine["intersection_count"])
+
+
+def _shutdown(sf: ModuleType, failed: bool) -> None:
+    # SecretFlow's fed layer ends the process (os._exit(1)) when shut down after an error
+    # unless this is set; psi-run must live on to clean up and say what went wrong.
+    os.environ["SF_UT_DO_NOT_EXIT_ENV_FLAG"] = "1"
+    try:
+        sf.shutdown(barrier_on_shutdown=False, on_error=failed)
+    except Exception:  # noqa: BLE001
+        log.warning("sf.shutdown failed", exc_info=True)

@@ -1,4 +1,6 @@
-"""Brokers on one machine, for the demo, the tests and the benchmark.
+"""Brokers, parties and Ray heads on one machine, for the demo, the tests and the benchmark.
+
+Not part of the product (it is not installed with psi-run).
 
 ``LocalBroker`` runs a real ``psi-broker`` process. Brokers listen on port 0 (no race for a
 free port) and their route tables are written once every broker's bound gRPC and HTTP ports
@@ -17,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .broker_client import urlopen
+from psi_runner.broker_client import BrokerClient
 
 BIN = Path(sys.executable).parent
 
@@ -85,8 +87,7 @@ class LocalBroker:
         self.addresses = json.loads(ready.read_text(encoding="utf-8"))
 
     def health(self) -> dict:
-        with urlopen(f"http://{self.http}/health", timeout=5) as resp:
-            return json.loads(resp.read())
+        return BrokerClient(self.http).health()
 
     def wait_routes(self, parties: list[str], timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -212,7 +213,7 @@ class LocalRayHead:
     script: Path | None = None  # e.g. deploy/ray/start-ray-head.sh instead of the command
 
     def start(self, timeout_s: float = 90.0) -> None:
-        from .rayhead import ray_start_command
+        from psi_runner.rayhead import ray_start_command
 
         if not self.address:
             self.address = f"127.0.0.1:{free_port_block()}"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .localnet import LocalBroker, LocalRayHead, run_parties
-from .spec import load_spec
+from harness.localnet import LocalBroker, LocalRayHead, run_parties
+from psi_runner.spec import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,1 @@
+"""Test, demo and benchmark harness: local brokers, parties and Ray heads (not installed)."""
