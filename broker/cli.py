@@ -77,16 +77,14 @@ async def _run(cfg: BrokerConfig, ready_file: str | None) -> None:
 
     broker = Broker(cfg)
     loop = asyncio.get_running_loop()
-    signals = 0
+    stopping: list[asyncio.Task[None]] = []  # held: the loop keeps only weak task references
 
     def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
+        if stopping:
             log.warning("second signal: exiting now")
             os._exit(130)
         log.info("received %s", signal.Signals(signum).name)
-        asyncio.ensure_future(broker.stop())
+        stopping.append(loop.create_task(broker.stop()))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)

@@ -11,10 +11,11 @@ import hmac
 import logging
 import time
 from collections import Counter
+from collections.abc import Mapping
 
 from . import codes
 from .config import BrokerConfig
-from .envelope import Envelope
+from .envelope import SESSION, TOPIC, Envelope, EnvelopeError, check_name
 from .flowlog import flow
 from .forward import Forwarder
 from .queues import Message, QueueKey, QueueStore
@@ -53,10 +54,20 @@ class Dispatcher:
         else:
             self.counters[f"errors|{code}"] += 1
 
+    def queue_key(self, headers: Mapping[str, str]) -> QueueKey:
+        """The queue a pop or peek names; raise EnvelopeError naming a bad header."""
+        env = Envelope.from_headers(headers, need_target=False, default_node=self.default_node())
+        return QueueKey(env.session, env.source_node, env.topic)
+
     async def deliver(
-        self, env: Envelope, payload: bytes, *, protocol: str, peer_addr: str, from_network: bool
+        self, headers: Mapping[str, str], payload: bytes, *, protocol: str, peer_addr: str,
+        from_network: bool,
     ) -> tuple[str, str]:
-        """Store or forward one message; return (code, message) for the sender."""
+        """Store or forward one message (push or invoke); return (code, message) for the sender."""
+        try:
+            env = Envelope.from_headers(headers)
+        except EnvelopeError as exc:
+            return codes.BAD_REQUEST, str(exc)
         started = time.monotonic()
         size = len(payload)
         table = self.routes.table
@@ -112,12 +123,41 @@ class Dispatcher:
         return None, ""
 
     async def pop(self, key: QueueKey, timeout_s: float, *, protocol: str) -> Message | None:
+        """Take the next message of ``key``, waiting up to ``timeout_s``; None if none came."""
         started = time.monotonic()
         message = await self.queues.pop(key, timeout_s)
         if message is not None:
             flow(protocol, "DEFAULT_CONSUME", session=key.session, topic=key.topic, des=key.node,
                  code=codes.OK, started=started, size=len(message.payload))
         return message
+
+    def peek(
+        self, headers: Mapping[str, str], *, protocol: str
+    ) -> tuple[str, str, Message | None]:
+        """Look at the next message of the queue ``headers`` name without taking it.
+
+        Returns (code, message, the queued message or None) for the caller."""
+        try:
+            key = self.queue_key(headers)
+        except EnvelopeError as exc:
+            return codes.BAD_REQUEST, str(exc), None
+        message = self.queues.peek(key)
+        code, text = (codes.NOT_FOUND, "no message yet") if message is None else (codes.OK, "")
+        flow(protocol, "PEEK", session=key.session, topic=key.topic, des=key.node, code=code)
+        return code, text, message
+
+    def release(self, session: str, topic: str | None, *, protocol: str) -> tuple[str, str]:
+        """Drop a session's queues (only ``topic``'s, if given); return (code, message)."""
+        try:
+            check_name(SESSION, session)
+            if topic is not None:
+                check_name(TOPIC, topic)
+        except EnvelopeError as exc:
+            return codes.BAD_REQUEST, str(exc)
+        count = self.queues.release(session, topic=topic)
+        flow(protocol, "RELEASE", session=session, topic=topic or "*", code=codes.OK,
+             msg=f"released:{count}")
+        return codes.OK, f"released {count} queue(s)"
 
     def reload_routes(self) -> None:
         """Pick up an edited route table; a broken edit keeps the table in use."""

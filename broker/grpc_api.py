@@ -13,20 +13,35 @@ import grpc
 
 from . import codes
 from .dispatch import Dispatcher
-from .envelope import TOPIC, Envelope, EnvelopeError, check_name
-from .flowlog import flow
+from .envelope import SESSION, TOPIC, EnvelopeError
 from .proto import ptp_pb2, ptp_pb2_grpc
-from .queues import QueueKey
+from .queues import Message
 
 log = logging.getLogger("broker.grpc")
 
 
-def _headers(context: grpc.aio.ServicerContext, extra: Mapping[str, str] = {}) -> dict[str, str]:
+def _headers(
+    context: grpc.aio.ServicerContext, extra: Mapping[str, str] = {}, topic: str = ""
+) -> dict[str, str]:
+    """PTP headers of a call: its metadata, over ``extra`` (the message's map), under ``topic``."""
     merged = {k.lower(): v for k, v in extra.items()}
     for key, value in context.invocation_metadata() or ():
         if isinstance(value, str):
             merged[key.lower()] = value
+    if topic:
+        merged[TOPIC] = topic
     return merged
+
+
+def _outbound(
+    code: str, text: str = "", message: Message | None = None
+) -> ptp_pb2.TransportOutbound:
+    """The answer of a Transport call, carrying ``message`` (a popped or peeked one) if any."""
+    if message is None:
+        return ptp_pb2.TransportOutbound(code=code, message=text)
+    return ptp_pb2.TransportOutbound(
+        code=code, message=text, payload=message.payload, metadata=message.metadata
+    )
 
 
 class _Protocol(ptp_pb2_grpc.PrivateTransferProtocolServicer):
@@ -35,12 +50,8 @@ class _Protocol(ptp_pb2_grpc.PrivateTransferProtocolServicer):
         self.protocol = protocol
 
     async def _one(self, request: ptp_pb2.Inbound, headers: dict[str, str], peer: str):
-        try:
-            env = Envelope.from_headers(headers)
-        except EnvelopeError as exc:
-            return ptp_pb2.Outbound(code=codes.BAD_REQUEST, message=str(exc))
         code, message = await self.d.deliver(
-            env, request.payload, protocol=self.protocol, peer_addr=peer, from_network=True
+            headers, request.payload, protocol=self.protocol, peer_addr=peer, from_network=True
         )
         return ptp_pb2.Outbound(code=code, message=message)
 
@@ -59,70 +70,33 @@ class _Transport(ptp_pb2_grpc.PrivateTransferTransportServicer):
         self.d = d
         self.protocol = protocol
 
-    def _key(self, topic: str, context) -> QueueKey:
-        headers = _headers(context)
-        if topic:
-            headers[TOPIC] = topic
-        env = Envelope.from_headers(headers, need_target=False, default_node=self.d.default_node())
-        return QueueKey(env.session, env.source_node, env.topic)
-
     async def push(self, request, context):
-        headers = _headers(context, request.metadata)
-        if request.topic:
-            headers[TOPIC] = request.topic
-        try:
-            env = Envelope.from_headers(headers)
-        except EnvelopeError as exc:
-            return ptp_pb2.TransportOutbound(code=codes.BAD_REQUEST, message=str(exc))
         code, message = await self.d.deliver(
-            env, request.payload, protocol=self.protocol, peer_addr=context.peer(),
-            from_network=False,
+            _headers(context, request.metadata, request.topic), request.payload,
+            protocol=self.protocol, peer_addr=context.peer(), from_network=False,
         )
-        return ptp_pb2.TransportOutbound(code=code, message=message)
+        return _outbound(code, message)
 
     async def pop(self, request, context):
         try:
-            key = self._key(request.topic, context)
+            key = self.d.queue_key(_headers(context, topic=request.topic))
         except EnvelopeError as exc:
-            return ptp_pb2.TransportOutbound(code=codes.BAD_REQUEST, message=str(exc))
+            return _outbound(codes.BAD_REQUEST, str(exc))
         timeout = request.timeout if request.timeout > 0 else (
             self.d.cfg.consume_msg_waiting_timeout_ms / 1000
         )
         message = await self.d.pop(key, timeout, protocol=self.protocol)
         if message is None:
-            return ptp_pb2.TransportOutbound(code=codes.NOT_FOUND, message="no message yet")
-        return ptp_pb2.TransportOutbound(
-            code=codes.OK, payload=message.payload, metadata=message.metadata
-        )
+            return _outbound(codes.NOT_FOUND, "no message yet")
+        return _outbound(codes.OK, "", message)
 
     async def peek(self, request, context):
-        try:
-            key = self._key(request.topic, context)
-        except EnvelopeError as exc:
-            return ptp_pb2.TransportOutbound(code=codes.BAD_REQUEST, message=str(exc))
-        message = self.d.queues.peek(key)
-        flow(self.protocol, "PEEK", session=key.session, topic=key.topic, des=key.node,
-             code=codes.OK if message else codes.NOT_FOUND)
-        if message is None:
-            return ptp_pb2.TransportOutbound(code=codes.NOT_FOUND, message="no message yet")
-        return ptp_pb2.TransportOutbound(
-            code=codes.OK, payload=message.payload, metadata=message.metadata
-        )
+        return _outbound(*self.d.peek(_headers(context, topic=request.topic),
+                                      protocol=self.protocol))
 
     async def release(self, request, context):
-        headers = _headers(context)
-        session = headers.get("x-ptp-session-id", "")
-        topic = request.topic or None
-        try:
-            check_name("x-ptp-session-id", session)
-            if topic is not None:
-                check_name("x-ptp-topic", topic)
-        except EnvelopeError as exc:
-            return ptp_pb2.TransportOutbound(code=codes.BAD_REQUEST, message=str(exc))
-        count = self.d.queues.release(session, topic=topic)
-        flow(self.protocol, "RELEASE", session=session, topic=topic or "*", code=codes.OK,
-             msg=f"released:{count}")
-        return ptp_pb2.TransportOutbound(code=codes.OK, message=f"released {count} queue(s)")
+        session = _headers(context).get(SESSION, "")
+        return _outbound(*self.d.release(session, request.topic or None, protocol=self.protocol))
 
 
 def add_services(server: grpc.aio.Server, d: Dispatcher, protocol: str = "grpc") -> None:

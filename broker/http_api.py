@@ -21,8 +21,7 @@ from aiohttp import web
 
 from . import codes
 from .dispatch import Dispatcher
-from .envelope import Envelope, EnvelopeError, check_name
-from .flowlog import flow
+from .envelope import SESSION, TOPIC, EnvelopeError
 from .metrics import render_metrics
 from .proto.http_ptp_pb2 import TransportOutbound
 from .queues import QueueKey
@@ -64,14 +63,9 @@ class HttpApi:
         return app
 
     async def _deliver(self, request: web.Request, from_network: bool) -> web.Response:
-        try:
-            env = Envelope.from_headers(request.headers)
-        except EnvelopeError as exc:
-            return _answer(codes.BAD_REQUEST, str(exc))
-        payload = await request.read()
         code, message = await self.d.deliver(
-            env, payload, protocol=self.protocol, peer_addr=_peer(request),
-            from_network=from_network,
+            request.headers, await request.read(), protocol=self.protocol,
+            peer_addr=_peer(request), from_network=from_network,
         )
         return _answer(code, message)
 
@@ -81,15 +75,9 @@ class HttpApi:
     async def invoke(self, request: web.Request) -> web.Response:
         return await self._deliver(request, from_network=True)
 
-    def _queue_key(self, request: web.Request) -> QueueKey:
-        env = Envelope.from_headers(
-            request.headers, need_target=False, default_node=self.d.default_node()
-        )
-        return QueueKey(env.session, env.source_node, env.topic)
-
     async def pop(self, request: web.Request) -> web.Response:
         try:
-            key = self._queue_key(request)
+            key = self.d.queue_key(request.headers)
             timeout = self._timeout(request)
         except (EnvelopeError, ValueError) as exc:
             return _answer(codes.BAD_REQUEST, str(exc))
@@ -135,30 +123,13 @@ class HttpApi:
         return value
 
     async def peek(self, request: web.Request) -> web.Response:
-        try:
-            key = self._queue_key(request)
-        except EnvelopeError as exc:
-            return _answer(codes.BAD_REQUEST, str(exc))
-        message = self.d.queues.peek(key)
-        flow(self.protocol, "PEEK", session=key.session, topic=key.topic, des=key.node,
-             code=codes.OK if message else codes.NOT_FOUND)
-        if message is None:
-            return _answer(codes.NOT_FOUND, "no message yet")
-        return _answer(codes.OK, "", message.payload)
+        code, text, message = self.d.peek(request.headers, protocol=self.protocol)
+        return _answer(code, text, message.payload if message else b"")
 
     async def release(self, request: web.Request) -> web.Response:
-        session = (request.headers.get("x-ptp-session-id") or "").strip()
-        topic = (request.headers.get("x-ptp-topic") or "").strip() or None
-        try:
-            check_name("x-ptp-session-id", session)
-            if topic is not None:
-                check_name("x-ptp-topic", topic)
-        except EnvelopeError as exc:
-            return _answer(codes.BAD_REQUEST, str(exc))
-        count = self.d.queues.release(session, topic=topic)
-        flow(self.protocol, "RELEASE", session=session, topic=topic or "*", code=codes.OK,
-             msg=f"released:{count}")
-        return _answer(codes.OK, f"released {count} queue(s)")
+        session = (request.headers.get(SESSION) or "").strip()
+        topic = (request.headers.get(TOPIC) or "").strip() or None
+        return _answer(*self.d.release(session, topic, protocol=self.protocol))
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response(

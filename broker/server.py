@@ -25,6 +25,7 @@ from .routes import RouteTableFile
 log = logging.getLogger("broker.server")
 
 GRACE_S = 5.0
+_CANCEL_MARGIN_S = 1.0
 
 
 class State(enum.Enum):
@@ -44,6 +45,7 @@ class Broker:
         self.state = State.NEW
         self.addresses: dict[str, str] = {}
         self._runners: list[web.AppRunner] = []
+        self._sites: list[web.TCPSite] = []
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -70,9 +72,10 @@ class Broker:
             self.addresses["https"] = await self._start_http(
                 tls_host, cfg.https_port or 0, tls.https_context(cfg)
             )
+        d = self.dispatcher
         self._tasks = [
-            asyncio.create_task(self._every(cfg.route_reload_interval_ms, self.dispatcher.reload_routes)),
-            asyncio.create_task(self._every(cfg.queue_check_interval_ms, self.dispatcher.expire_queues)),
+            asyncio.create_task(self._every(cfg.route_reload_interval_ms, d.reload_routes)),
+            asyncio.create_task(self._every(cfg.queue_check_interval_ms, d.expire_queues)),
         ]
         self.state = State.RUNNING
         for name, addr in self.addresses.items():
@@ -86,6 +89,7 @@ class Broker:
         site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024)
         await site.start()
         self._runners.append(runner)
+        self._sites.append(site)
         sock = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
         return f"{host}:{sock[1]}"
 
@@ -103,23 +107,51 @@ class Broker:
         await self._stopped.wait()
 
     async def stop(self) -> None:
-        """Stop accepting, finish in-flight requests (bounded), release everything. Idempotent."""
+        """Stop accepting, finish in-flight requests (bounded), release everything. Idempotent.
+
+        The uvicorn order: every listener (HTTP, HTTPS, gRPC, gRPC-TLS) closes first, so no
+        port takes a new request while in-flight ones finish; then one grace period covers the
+        in-flight work of all front ends; what is still running after it is cancelled.
+        """
         if self.state in (State.STOPPING, State.STOPPED):
             await self._stopped.wait()
             return
         self.state = State.STOPPING
         log.info("stopping: no new requests, waiting up to %.0f s for in-flight ones", GRACE_S)
-        for task in self._tasks:
+        try:
+            for task in self._tasks:
+                task.cancel()
+            for site in self._sites:
+                await site.stop()  # closes the listening socket; open connections stay
+            # gRPC refuses new calls once stop() runs and cancels the calls left after the grace.
+            draining = [asyncio.ensure_future(self._grpc.stop(GRACE_S))] if self._grpc else []
+            self.dispatcher.queues.close()  # long-polling pops answer "no message" now
+            # A runner waits up to its shutdown_timeout (GRACE_S) for handlers, then cancels them.
+            draining += [asyncio.ensure_future(runner.cleanup()) for runner in self._runners]
+            await self._drain(draining)
+            await self.dispatcher.forwarder.close()
+        finally:
+            # Set even if a front end failed to drain: serve() must return so the process exits.
+            self.state = State.STOPPED
+            log.info("stopped")
+            self._stopped.set()
+
+    @staticmethod
+    async def _drain(tasks: list[asyncio.Future[None]]) -> None:
+        """Wait for the front ends' own graceful stops; cancel what overruns the grace."""
+        if not tasks:
+            return
+        # The front ends cancel their own calls at GRACE_S; the margin is for that to settle.
+        done, pending = await asyncio.wait(tasks, timeout=GRACE_S + _CANCEL_MARGIN_S)
+        for task in pending:
             task.cancel()
-        self.dispatcher.queues.close()  # long-polling pops answer "no message" now
-        if self._grpc is not None:
-            await self._grpc.stop(GRACE_S)
-        for runner in self._runners:
-            await runner.cleanup()
-        await self.dispatcher.forwarder.close()
-        self.state = State.STOPPED
-        log.info("stopped")
-        self._stopped.set()
+        if pending:
+            log.warning("%d front end(s) still busy after the grace period; cancelled",
+                        len(pending))
+            await asyncio.wait(pending, timeout=_CANCEL_MARGIN_S)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("a front end failed to stop cleanly", exc_info=task.exception())
 
 
 def _bind(add_port, host: str, port: int | None, key: str) -> int:

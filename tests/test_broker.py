@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import queue
 import signal
+import socket
 import subprocess
 import time
 
@@ -12,7 +14,7 @@ import pytest
 from broker import codes
 from broker.proto import ptp_pb2, ptp_pb2_grpc
 from conftest import _hdr, _http
-from psi_runner.localnet import BIN, LocalBroker, start_pair
+from harness.localnet import BIN, LocalBroker, start_pair
 
 
 @pytest.mark.parametrize("brokers", ["grpc", "http"], indirect=True)
@@ -113,6 +115,39 @@ def test_broker_logs_addresses_and_stops_cleanly_on_sigterm(tmp_path):
     b.proc.send_signal(signal.SIGTERM)
     assert b.proc.wait(10) == 0
     assert "stopped" in (b.conf_dir / "logs" / "broker.log").read_text()
+
+
+def _refuses(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def test_sigterm_closes_every_listener_at_once_while_a_call_in_flight_drains(tmp_path):
+    """New connections are refused at once, not only after the in-flight calls' grace period."""
+    b = LocalBroker("alice", tmp_path / "conf")
+    b.write_config({})
+    b.start()
+    outbox: queue.Queue = queue.Queue()
+    meta = {"x-ptp-session-id": "sd", "x-ptp-topic": "t", "x-ptp-source-node-id": "alice",
+            "x-ptp-target-node-id": "alice"}
+    with grpc.insecure_channel(f"127.0.0.1:{b.grpc_port}") as ch:
+        replies = ptp_pb2_grpc.PrivateTransferProtocolStub(ch).transport(
+            iter(outbox.get, None), timeout=30)
+        outbox.put(ptp_pb2.Inbound(metadata=meta, payload=b"x"))
+        next(replies)  # answered: the stream is open at the broker and stays open
+        t = time.monotonic()
+        b.proc.send_signal(signal.SIGTERM)
+        while not (_refuses(b.http_port) and _refuses(b.grpc_port)):
+            assert time.monotonic() - t < 5, "a listener still accepts after SIGTERM"
+            time.sleep(0.01)
+        refused_after = time.monotonic() - t
+        assert b.proc.poll() is None  # the stream was still draining: the grace had not passed
+        outbox.put(None)  # the client ends its stream; the broker has nothing left to wait for
+        assert b.proc.wait(15) == 0
+    assert refused_after < 1.5  # the grace period is 5 s
 
 
 def test_broken_config_stops_with_one_line_naming_the_key(tmp_path):
