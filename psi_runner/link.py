@@ -11,42 +11,37 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-LINK_DEFAULTS: dict[str, Any] = {
-    "connect_retry_times": 60,
-    "connect_retry_interval_ms": 1000,
-    "recv_timeout_ms": 1_200_000,
-    "http_timeout_ms": 1_200_000,
-    "http_max_payload_size": 1024 * 1024,
-    # 0 turns off yacl's send window. With it on, a sender waits for acks that the peer sends only
-    # when its protocol code reads a message; protocols that read in another order than they
-    # send (ECDH runs three flows at once) can then wait on each other for ever. Seen through
-    # the brokers under load: both sides stuck until the receive timeout.
-    "throttle_window_size": 0,
-    "brpc_channel_protocol": "http",
-    "brpc_channel_connection_type": "pooled",
-}
-
 # The broker speaks HTTP/1.1; yacl's blackbox link refuses anything but http/h2.
 _PROTOCOLS = ("http",)
 _CONNECTION_TYPES = ("pooled", "short", "single")
+_ZERO_ALLOWED = ("connect_retry_times", "throttle_window_size")
+_MAX_INT = 2**31 - 1
 _MIN_RETRY_WINDOW_MS = 60_000
 _MIN_RECV_TIMEOUT_MS = 600_000
 
 
 @dataclass(frozen=True)
 class LinkSettings:
-    """SPU link options (the keys SPU's ``link_desc`` accepts)."""
+    """SPU link options (the keys SPU's ``link_desc`` accepts).
 
-    connect_retry_times: int = LINK_DEFAULTS["connect_retry_times"]
-    connect_retry_interval_ms: int = LINK_DEFAULTS["connect_retry_interval_ms"]
-    recv_timeout_ms: int = LINK_DEFAULTS["recv_timeout_ms"]
-    http_timeout_ms: int = LINK_DEFAULTS["http_timeout_ms"]
-    http_max_payload_size: int = LINK_DEFAULTS["http_max_payload_size"]
-    throttle_window_size: int = LINK_DEFAULTS["throttle_window_size"]
-    brpc_channel_protocol: str = LINK_DEFAULTS["brpc_channel_protocol"]
-    brpc_channel_connection_type: str = LINK_DEFAULTS["brpc_channel_connection_type"]
+    The field defaults are the one place the defaults are written; LINK_DEFAULTS derives from them.
+    """
+
+    connect_retry_times: int = 60
+    connect_retry_interval_ms: int = 1000
+    recv_timeout_ms: int = 1_200_000
+    http_timeout_ms: int = 1_200_000
+    http_max_payload_size: int = 1024 * 1024
+    # 0 turns off yacl's send window. With it on, a sender waits for acks that the peer sends only
+    # when its protocol code reads a message; protocols that read in another order than they
+    # send (ECDH runs three flows at once) can then wait on each other for ever. Seen through
+    # the brokers under load: both sides stuck until the receive timeout.
+    throttle_window_size: int = 0
+    brpc_channel_protocol: str = "http"
+    brpc_channel_connection_type: str = "pooled"
 
     def as_dict(self) -> dict[str, Any]:
+        """Every setting by its SPU name, in declaration order."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def warnings(self) -> list[str]:
@@ -67,6 +62,11 @@ class LinkSettings:
         return out
 
 
+# Derived from the dataclass, so a default is never written twice. Its order is the order the
+# "allowed" list in an unknown-key problem shows.
+LINK_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(LinkSettings)}
+
+
 def parse_link_settings(value: Any, problems: list[str]) -> LinkSettings:
     """Validate the spec's ``link:`` mapping (may be absent) into LinkSettings."""
     if value is None:
@@ -78,34 +78,37 @@ def parse_link_settings(value: Any, problems: list[str]) -> LinkSettings:
     for key, raw in value.items():
         path = f"link.{key}"
         if key not in LINK_DEFAULTS:
-            problems.append(f"{path}: unknown link setting (allowed: {', '.join(LINK_DEFAULTS)})")
+            problems.append(
+                f"{path}: unknown link setting (allowed: {', '.join(LINK_DEFAULTS)})"
+            )
             continue
-        default = LINK_DEFAULTS[key]
-        if isinstance(default, int):
-            if isinstance(raw, bool) or not isinstance(raw, int):
-                problems.append(f"{path}: must be a whole number, got {raw!r}")
-                continue
-            minimum = 0 if key in ("connect_retry_times", "throttle_window_size") else 1
-            if raw < minimum or raw > 2**31 - 1:
-                problems.append(f"{path}: must be between {minimum} and {2**31 - 1}, got {raw}")
-                continue
-        elif key == "brpc_channel_protocol":
-            if raw not in _PROTOCOLS:
-                problems.append(
-                    f"{path}: must be http (the broker speaks HTTP/1.1), got {raw!r}"
-                )
-                continue
-        elif key == "brpc_channel_connection_type":
-            if raw not in _CONNECTION_TYPES:
-                problems.append(f"{path}: must be one of {', '.join(_CONNECTION_TYPES)}, got {raw!r}")
-                continue
-        values[key] = raw
+        problem = _link_value_problem(key, raw)
+        if problem is None:
+            values[key] = raw
+        else:
+            problems.append(f"{path}: {problem}")
     settings = LinkSettings(**values)
-    if settings.brpc_channel_protocol == "http" and settings.brpc_channel_connection_type == "single":
+    if (settings.brpc_channel_protocol == "http"
+            and settings.brpc_channel_connection_type == "single"):
         problems.append(
             "link.brpc_channel_connection_type: http needs pooled or short, not single"
         )
     return settings
+
+
+def _link_value_problem(key: str, raw: Any) -> str | None:
+    """What is wrong with one known ``link:`` value (without its key path), or None."""
+    if isinstance(LINK_DEFAULTS[key], int):  # the default's type is the setting's type
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            return f"must be a whole number, got {raw!r}"
+        minimum = 0 if key in _ZERO_ALLOWED else 1
+        if raw < minimum or raw > _MAX_INT:
+            return f"must be between {minimum} and {_MAX_INT}, got {raw}"
+    elif key == "brpc_channel_protocol" and raw not in _PROTOCOLS:
+        return f"must be http (the broker speaks HTTP/1.1), got {raw!r}"
+    elif key == "brpc_channel_connection_type" and raw not in _CONNECTION_TYPES:
+        return f"must be one of {', '.join(_CONNECTION_TYPES)}, got {raw!r}"
+    return None
 
 
 def blackbox_environment(

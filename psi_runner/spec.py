@@ -8,7 +8,8 @@ the spec file's folder. Party names are strings even when written as numbers (``
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ BACKENDS = ("embedded", "secretflow", "ray")
 APIS = ("psi", "psi_csv")
 JOINS = ("inner", "left", "right", "full", "difference")
 CURVES = ("CURVE_25519", "CURVE_FOURQ", "CURVE_SM2", "CURVE_SECP256K1")
+# The one default JobSpec cannot carry: its protocol field comes before the required fields.
+_DEFAULT_PROTOCOL = "RR22"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PARTY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -63,6 +66,10 @@ class JobSpec:
 
     def peer_of(self, party: str) -> str:
         return next(p for p in self.parties if p != party)
+
+
+# A key the spec leaves out takes JobSpec's field default; nothing below repeats a default.
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(JobSpec) if f.default is not MISSING}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -142,8 +149,23 @@ def load_spec(path: str | Path) -> JobSpec:
 
 def parse_spec(text: str, spec_path: Path) -> JobSpec:
     """Validate spec text; ``spec_path`` anchors relative paths."""
+    doc = _load_mapping(text, spec_path)
+    problems: list[str] = []
+    values = _parse_fields(doc, spec_path.parent, problems)
+    problems.extend(_cross_checks(values, doc))
+    if problems:
+        raise SpecError(str(spec_path), problems)
+    values["timeout_s"] = float(values["timeout_s"])  # YAML gives 600 as an int
+    if values["join"] != "inner" and values["left_side"] is None:
+        # SecretFlow's default: the receiver's table is the left one.
+        values["left_side"] = values["receiver"]
+    return JobSpec(path=spec_path, **values)
+
+
+def _load_mapping(text: str, spec_path: Path) -> dict[Any, Any]:
+    """The YAML document, which must be a mapping; malformed YAML is one problem, not many."""
     try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - safe loader subclass
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # safe: a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -151,114 +173,74 @@ def parse_spec(text: str, spec_path: Path) -> JobSpec:
         raise SpecError(str(spec_path), [f"not valid YAML{where}: {problem}"]) from None
     if not isinstance(doc, dict):
         raise SpecError(str(spec_path), ["the file must be a YAML mapping of job settings"])
+    return doc
 
-    problems: list[str] = []
-    for key in doc:
-        if key not in _TOP_KEYS:
-            problems.append(f"{key}: unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
 
-    job_id = _name(doc.get("job_id"))
+# --- one parser per field ------------------------------------------------------------------
+# Each reads its raw value, appends problems with the key path, and returns the parsed value,
+# or the default where the value is bad, so later checks still have a value to compare.
+
+
+def _parse_fields(doc: dict[Any, Any], base: Path, problems: list[str]) -> dict[str, Any]:
+    """Every JobSpec field except ``path``, parsed on its own."""
+    _unknown_keys(doc, _TOP_KEYS, "", problems)
+    job_id = _job_id(doc.get("job_id"), problems)
+    protocol = _protocol(doc.get("protocol", _DEFAULT_PROTOCOL), problems)
+    keys = _keys(doc.get("keys"), problems)
+    parties = _parties(doc.get("parties"), base, problems)
+    # Evaluated top to bottom: this is the order in which problems are reported.
+    return {
+        "job_id": job_id,
+        "protocol": protocol,
+        "keys": keys,
+        "parties": parties,
+        "receiver": _receiver(doc.get("receiver"), parties, problems),
+        "broadcast_result": _flag(doc, "broadcast_result", problems),
+        "ecdh_curve": _ecdh_curve(doc.get("ecdh_curve"), protocol, problems),
+        "link": parse_link_settings(doc.get("link"), problems),
+        "timeout_s": _timeout_s(doc.get("timeout_s", _DEFAULTS["timeout_s"]), problems),
+        "allow_duplicate_keys": _flag(doc, "allow_duplicate_keys", problems),
+        "backend": _choice(doc, "backend", BACKENDS, problems),
+        "api": _choice(doc, "api", APIS, problems),
+        "join": _choice(doc, "join", JOINS, problems),
+        "left_side": _name(doc.get("left_side")),  # checked against join and parties later
+    }
+
+
+def _unknown_keys(mapping: dict[Any, Any], allowed: set[str], prefix: str,
+                  problems: list[str]) -> None:
+    for key in mapping:
+        if key not in allowed:
+            problems.append(f"{prefix}{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _job_id(value: Any, problems: list[str]) -> str | None:
+    job_id = _name(value)
     if job_id is None:
         problems.append("job_id: required, e.g. job_id: demo-001")
     elif not _ID.match(job_id):
         problems.append("job_id: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric")
+    return job_id
 
-    protocol = doc.get("protocol", "RR22")
-    if not isinstance(protocol, str) or protocol.upper() not in PROTOCOLS:
-        problems.append(f"protocol: must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-        protocol = "RR22"
-    protocol = protocol.upper()
 
-    keys = _keys(doc.get("keys"), problems)
-    parties = _parties(doc.get("parties"), spec_path.parent, problems)
+def _protocol(value: Any, problems: list[str]) -> str:
+    if not isinstance(value, str) or value.upper() not in PROTOCOLS:
+        problems.append(f"protocol: must be one of {', '.join(PROTOCOLS)}, got {value!r}")
+        return _DEFAULT_PROTOCOL
+    return value.upper()
 
-    receiver = _name(doc.get("receiver"))
-    if receiver is None:
-        problems.append("receiver: required, the party that receives the result")
-    elif parties and receiver not in parties:
-        problems.append(f"receiver: {receiver!r} is not one of the parties ({', '.join(parties)})")
 
-    broadcast = doc.get("broadcast_result", True)
-    if not isinstance(broadcast, bool):
-        problems.append(f"broadcast_result: must be true or false, got {broadcast!r}")
-        broadcast = True
-
-    curve = doc.get("ecdh_curve")
-    if curve is not None:
+def _ecdh_curve(value: Any, protocol: str, problems: list[str]) -> str:
+    # Parsed together with the protocol: under another protocol the curve is refused outright,
+    # and its value is not checked (one problem, not two).
+    if value is not None:
         if protocol != "ECDH":
             problems.append("ecdh_curve: only applies to protocol ECDH; remove it")
-        elif not isinstance(curve, str) or curve.upper() not in CURVES:
-            problems.append(f"ecdh_curve: must be one of {', '.join(CURVES)}, got {curve!r}")
-    curve = curve.upper() if isinstance(curve, str) and curve.upper() in CURVES else "CURVE_25519"
-
-    link = parse_link_settings(doc.get("link"), problems)
-
-    timeout_s = doc.get("timeout_s", 600)
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
-        problems.append(f"timeout_s: must be a number of seconds > 0, got {timeout_s!r}")
-        timeout_s = 600
-    allow_dups = doc.get("allow_duplicate_keys", False)
-    if not isinstance(allow_dups, bool):
-        problems.append(f"allow_duplicate_keys: must be true or false, got {allow_dups!r}")
-        allow_dups = False
-
-    backend = _choice(doc, "backend", BACKENDS, "embedded", problems)
-    api = _choice(doc, "api", APIS, "psi", problems)
-    join = _choice(doc, "join", JOINS, "inner", problems)
-    if api == "psi_csv":
-        if join != "inner":
-            problems.append(f"join: {join} needs api: psi; the legacy psi_csv call only "
-                            "computes the intersection")
-        if allow_dups:
-            problems.append("allow_duplicate_keys: the legacy psi_csv call cannot take "
-                            "duplicate keys; use api: psi or deduplicate the input")
-    left_side = _name(doc.get("left_side")) if "left_side" in doc else None
-    if "left_side" in doc:
-        if join == "inner":
-            problems.append("left_side: only applies to join: left, right, full or difference; "
-                            "remove it")
-        elif left_side is None or (parties and left_side not in parties):
-            problems.append(f"left_side: must be one of the parties ({', '.join(parties)}), "
-                            f"got {doc.get('left_side')!r}")
-    if join != "inner" and left_side is None:
-        left_side = receiver  # SecretFlow's default: the receiver's table is the left one
-    for name, party in parties.items():
-        where = f"parties.{name}.ray_address"
-        if backend == "ray" and party.ray_address is None:
-            problems.append(f"{where}: required with backend: ray, the host:port of "
-                            f"{name}'s Ray head (e.g. 127.0.0.1:31000)")
-        elif backend != "ray" and party.ray_address is not None:
-            problems.append(f"{where}: only used with backend: ray (this spec has backend: "
-                            f"{backend}); remove it or set backend: ray")
-
-    if problems:
-        raise SpecError(str(spec_path), problems)
-    return JobSpec(
-        path=spec_path,
-        job_id=job_id,  # type: ignore[arg-type]
-        protocol=protocol,
-        keys=keys,
-        receiver=receiver,  # type: ignore[arg-type]
-        parties=parties,
-        broadcast_result=broadcast,
-        ecdh_curve=curve,
-        link=link,
-        timeout_s=float(timeout_s),
-        allow_duplicate_keys=allow_dups,
-        backend=backend,
-        api=api,
-        join=join,
-        left_side=left_side,
-    )
-
-
-def _choice(doc: dict, key: str, allowed: tuple[str, ...], default: str,
-            problems: list[str]) -> str:
-    value = doc.get(key, default)
-    if not isinstance(value, str) or value.lower() not in allowed:
-        problems.append(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
-        return default
-    return value.lower()
+        elif not isinstance(value, str) or value.upper() not in CURVES:
+            problems.append(f"ecdh_curve: must be one of {', '.join(CURVES)}, got {value!r}")
+    if isinstance(value, str) and value.upper() in CURVES:
+        return value.upper()
+    return _DEFAULTS["ecdh_curve"]
 
 
 def _keys(value: Any, problems: list[str]) -> tuple[str, ...]:
@@ -281,47 +263,94 @@ def _keys(value: Any, problems: list[str]) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def _receiver(value: Any, parties: dict[str, PartySpec], problems: list[str]) -> str | None:
+    # Checked against the parties here rather than among the cross-field rules so that its
+    # problem keeps its place in the report, right after the parties' own.
+    receiver = _name(value)
+    if receiver is None:
+        problems.append("receiver: required, the party that receives the result")
+    elif parties and receiver not in parties:
+        problems.append(f"receiver: {receiver!r} is not one of the parties ({', '.join(parties)})")
+    return receiver
+
+
+def _flag(doc: dict[Any, Any], key: str, problems: list[str]) -> bool:
+    value = doc.get(key, _DEFAULTS[key])
+    if not isinstance(value, bool):
+        problems.append(f"{key}: must be true or false, got {value!r}")
+        return _DEFAULTS[key]
+    return value
+
+
+def _timeout_s(value: Any, problems: list[str]) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        problems.append(f"timeout_s: must be a number of seconds > 0, got {value!r}")
+        return _DEFAULTS["timeout_s"]
+    return value
+
+
+def _choice(doc: dict[Any, Any], key: str, allowed: tuple[str, ...],
+            problems: list[str]) -> str:
+    value = doc.get(key, _DEFAULTS[key])
+    if not isinstance(value, str) or value.lower() not in allowed:
+        problems.append(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
+        return _DEFAULTS[key]
+    return value.lower()
+
+
 def _parties(value: Any, base: Path, problems: list[str]) -> dict[str, PartySpec]:
     if not isinstance(value, dict):
         problems.append("parties: required, a mapping of exactly two party names to settings")
         return {}
-    names = [_name(k) for k in value]
     if len(value) != 2:
         problems.append(f"parties: exactly two parties are needed, found {len(value)}")
     result: dict[str, PartySpec] = {}
-    for raw_name, name in zip(value, names):
+    for raw_name, settings in value.items():
         path = f"parties.{raw_name}"
+        name = _name(raw_name)
         if name is None or not _PARTY.match(name):
-            problems.append(
-                f"{path}: party names use 1-64 letters, digits, '.', '_' or '-'"
-            )
-            continue
-        if name in result:
+            problems.append(f"{path}: party names use 1-64 letters, digits, '.', '_' or '-'")
+        elif name in result:  # 9999 and "9999" are the same party
             problems.append(f"{path}: party {name!r} appears twice")
-            continue
-        settings = value[raw_name]
-        if not isinstance(settings, dict):
-            problems.append(f"{path}: must be a mapping with broker, input and output")
-            continue
-        for key in settings:
-            if key not in _PARTY_KEYS:
-                problems.append(
-                    f"{path}.{key}: unknown key (allowed: {', '.join(sorted(_PARTY_KEYS))})"
-                )
-        broker = _broker(settings.get("broker"), f"{path}.broker", problems)
-        ray_address = None
-        if "ray_address" in settings:
-            ray_address = _broker(settings.get("ray_address"), f"{path}.ray_address", problems,
-                                  what="host:port of this party's Ray head",
-                                  example="31000") or ""  # "": given but invalid (reported)
-        inp = _path(settings.get("input"), base, f"{path}.input", problems)
-        out = _path(settings.get("output"), base, f"{path}.output", problems)
-        if inp is not None and out is not None and inp == out:
-            problems.append(f"{path}.output: must differ from the input file")
-        if broker and inp and out:
-            result[name] = PartySpec(name=name, broker=broker, input=inp, output=out,
-                                     ray_address=ray_address)
+        else:
+            party = _party(name, settings, base, path, problems)
+            if party is not None:
+                result[name] = party
     return result
+
+
+def _party(name: str, settings: Any, base: Path, path: str,
+           problems: list[str]) -> PartySpec | None:
+    """One party's settings; None if any of them is bad (the problems say which)."""
+    if not isinstance(settings, dict):
+        problems.append(f"{path}: must be a mapping with broker, input and output")
+        return None
+    _unknown_keys(settings, _PARTY_KEYS, f"{path}.", problems)
+    broker = _broker(settings.get("broker"), f"{path}.broker", problems)
+    ray_address = _ray_address(settings, path, problems)
+    inp, out = _files(settings, base, path, problems)
+    if not (broker and inp and out):
+        return None
+    return PartySpec(name=name, broker=broker, input=inp, output=out, ray_address=ray_address)
+
+
+def _ray_address(settings: dict[Any, Any], path: str, problems: list[str]) -> str | None:
+    if "ray_address" not in settings:
+        return None
+    address = _broker(settings.get("ray_address"), f"{path}.ray_address", problems,
+                      what="host:port of this party's Ray head", example="31000")
+    # "" marks "given but invalid" (already reported), so the backend check does not also
+    # call it missing.
+    return address or ""
+
+
+def _files(settings: dict[Any, Any], base: Path, path: str,
+           problems: list[str]) -> tuple[Path | None, Path | None]:
+    inp = _path(settings.get("input"), base, f"{path}.input", problems)
+    out = _path(settings.get("output"), base, f"{path}.output", problems)
+    if inp is not None and out is not None and inp == out:
+        problems.append(f"{path}.output: must differ from the input file")
+    return inp, out
 
 
 def _broker(value: Any, path: str, problems: list[str],
@@ -332,8 +361,7 @@ def _broker(value: Any, path: str, problems: list[str],
         return None
     text = value.strip()
     for prefix in ("http://", "https://"):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
+        text = text.removeprefix(prefix)
     text = text.rstrip("/")
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -344,11 +372,62 @@ def _broker(value: Any, path: str, problems: list[str],
 
 def _path(value: Any, base: Path, path: str, problems: list[str]) -> Path | None:
     if not isinstance(value, str) or not value.strip():
-        problems.append(f"{path}: required, a file path (relative paths start at the spec's folder)")
+        problems.append(
+            f"{path}: required, a file path (relative paths start at the spec's folder)"
+        )
         return None
     p = Path(value.strip()).expanduser()
     return (p if p.is_absolute() else base / p).resolve()
 
 
-__all__ = ["JobSpec", "PartySpec", "load_spec", "parse_spec", "LINK_DEFAULTS", "PROTOCOLS",
-           "BACKENDS", "APIS", "JOINS"]
+# --- rules across fields -------------------------------------------------------------------
+# Each sees the parsed values (a bad field reads as its default) and the raw document, which
+# tells a key left out from one given a bad value.
+
+_Rule = Callable[[dict[str, Any], dict[Any, Any]], Iterator[str]]
+
+
+def _cross_checks(values: dict[str, Any], doc: dict[Any, Any]) -> list[str]:
+    """Problems from rules that span several fields, in the order of ``_RULES``."""
+    return [problem for rule in _RULES for problem in rule(values, doc)]
+
+
+def _psi_csv_limits(values: dict[str, Any], doc: dict[Any, Any]) -> Iterator[str]:
+    if values["api"] != "psi_csv":
+        return
+    if values["join"] != "inner":
+        yield (f"join: {values['join']} needs api: psi; the legacy psi_csv call only "
+               "computes the intersection")
+    if values["allow_duplicate_keys"]:
+        yield ("allow_duplicate_keys: the legacy psi_csv call cannot take "
+               "duplicate keys; use api: psi or deduplicate the input")
+
+
+def _left_side_fits_join(values: dict[str, Any], doc: dict[Any, Any]) -> Iterator[str]:
+    if "left_side" not in doc:
+        return
+    left_side, parties = values["left_side"], values["parties"]
+    if values["join"] == "inner":
+        yield "left_side: only applies to join: left, right, full or difference; remove it"
+    elif left_side is None or (parties and left_side not in parties):
+        yield (f"left_side: must be one of the parties ({', '.join(parties)}), "
+               f"got {doc.get('left_side')!r}")
+
+
+def _ray_addresses_fit_backend(values: dict[str, Any], doc: dict[Any, Any]) -> Iterator[str]:
+    backend = values["backend"]
+    for name, party in values["parties"].items():
+        where = f"parties.{name}.ray_address"
+        if backend == "ray" and party.ray_address is None:
+            yield (f"{where}: required with backend: ray, the host:port of "
+                   f"{name}'s Ray head (e.g. 127.0.0.1:31000)")
+        elif backend != "ray" and party.ray_address is not None:
+            yield (f"{where}: only used with backend: ray (this spec has backend: "
+                   f"{backend}); remove it or set backend: ray")
+
+
+_RULES: tuple[_Rule, ...] = (_psi_csv_limits, _left_side_fits_join, _ray_addresses_fit_backend)
+
+
+__all__ = ["APIS", "BACKENDS", "JOINS", "LINK_DEFAULTS", "PROTOCOLS", "JobSpec", "PartySpec",
+           "load_spec", "parse_spec"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 
 from psi_runner.errors import SpecError
 from psi_runner.link import LINK_DEFAULTS, LinkSettings, parse_link_settings
-from psi_runner.spec import load_spec, parse_spec
+from psi_runner.spec import JobSpec, load_spec, parse_spec
 
 VALID = """\
 job_id: demo-001
@@ -65,6 +66,16 @@ def test_valid_spec_has_defaults(tmp_path: Path) -> None:
     assert link.http_timeout_ms == 1_200_000
     assert link.warnings() == []
     assert spec.parties["alice"].broker == "127.0.0.1:9380"
+
+
+def test_omitted_keys_take_the_jobspec_field_defaults(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, VALID))
+    defaults = {f.name: f.default for f in dataclasses.fields(JobSpec)
+                if f.default is not dataclasses.MISSING}
+    assert {name: getattr(spec, name) for name in defaults} == defaults
+    assert spec.link == LinkSettings()
+    assert type(spec.timeout_s) is float
+    assert type(load_spec(write(tmp_path, VALID + "timeout_s: 30\n")).timeout_s) is float
 
 
 def test_relative_paths_resolve_against_spec_folder(tmp_path: Path, monkeypatch) -> None:
