@@ -27,16 +27,24 @@ PARTIES = ("alice", "bob")
 def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rank", type=int, choices=(0, 1), required=True,
-                    help="0 = alice (receiver), 1 = bob (sender)")
+    ap.add_argument(
+        "--rank",
+        type=int,
+        choices=(0, 1),
+        required=True,
+        help="0 = alice (receiver), 1 = bob (sender)",
+    )
     ap.add_argument("--ports", required=True, help="alice's and bob's link ports, e.g. 61001,61002")
     ap.add_argument("--input", required=True, help="absolute path of this party's CSV")
     ap.add_argument("--output", required=True, help="absolute path of this party's result CSV")
     ap.add_argument("--protocol", default="RR22", choices=("RR22", "KKRT", "ECDH"))
     ap.add_argument("--key", default="uid")
     ap.add_argument("--link-id", default="bench")
-    ap.add_argument("--dup-check", action="store_true",
-                    help="let SPU check the keys for duplicates (psi-run skips it in SPU)")
+    ap.add_argument(
+        "--dup-check",
+        action="store_true",
+        help="let SPU check the keys for duplicates (psi-run skips it in SPU)",
+    )
     args = ap.parse_args(argv)
 
     import spu.libspu.link as link
@@ -82,17 +90,22 @@ def main(argv: list[str] | None = None) -> int:
     report = psi.psi(cfg, lctx)
     t2 = time.monotonic()
     lctx.stop_link()
-    print(json.dumps({
-        "party": PARTIES[args.rank],
-        "original_count": int(report.original_count),
-        "intersection_count": int(report.intersection_count),
-        "seconds": {
-            "import_s": round(t_import - t_start, 3),
-            "link_s": round(t1 - t0, 3),
-            "psi_s": round(t2 - t1, 3),
-            "total_s": round(time.monotonic() - t_start, 3),
-        },
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "party": PARTIES[args.rank],
+                "original_count": int(report.original_count),
+                "intersection_count": int(report.intersection_count),
+                "seconds": {
+                    "import_s": round(t_import - t_start, 3),
+                    "link_s": round(t1 - t0, 3),
+                    "psi_s": round(t2 - t1, 3),
+                    "total_s": round(time.monotonic() - t_start, 3),
+                },
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -29,11 +29,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="psi-broker",
         description="OSX-style PTP broker for psi-run (HTTP and gRPC queue API, routing, relay).",
     )
-    parser.add_argument("--conf-dir", required=True,
-                        help="folder with broker.properties and route_table.json")
+    parser.add_argument(
+        "--conf-dir", required=True, help="folder with broker.properties and route_table.json"
+    )
     parser.add_argument("--log-dir", help="log folder (default: log.dir, else ./logs/broker)")
-    parser.add_argument("--ready-file",
-                        help="write the bound addresses as JSON to this file once listening")
+    parser.add_argument(
+        "--ready-file", help="write the bound addresses as JSON to this file once listening"
+    )
     parser.add_argument("--quiet", action="store_true", help="do not copy log lines to stderr")
     return parser.parse_args(argv)
 
@@ -131,14 +133,20 @@ def main(argv: list[str] | None = None) -> int:
             cfg = with_overrides(cfg, log_dir=str(Path(args.log_dir).resolve()))
         setup_logging(_log_dir(args, cfg), args.quiet)
         if cfg.ignored_keys:
-            log.info("broker.properties: keys without effect in psi-broker, ignored: %s",
-                     ", ".join(cfg.ignored_keys))
+            log.info(
+                "broker.properties: keys without effect in psi-broker, ignored: %s",
+                ", ".join(cfg.ignored_keys),
+            )
         if cfg.unknown_keys:
-            log.warning("broker.properties: unknown keys, ignored (check the spelling): %s",
-                        ", ".join(cfg.unknown_keys))
+            log.warning(
+                "broker.properties: unknown keys, ignored (check the spelling): %s",
+                ", ".join(cfg.unknown_keys),
+            )
         if not cfg.open_http_server and not cfg.open_https_server:
-            log.warning("open.http.server is false: psi-run and SPU need the HTTP port; "
-                        "set open.http.server = true and http.port")
+            log.warning(
+                "open.http.server is false: psi-run and SPU need the HTTP port; "
+                "set open.http.server = true and http.port"
+            )
         _install_fast_loop()
         asyncio.run(_run(cfg, args.ready_file))
     except BrokerError as exc:

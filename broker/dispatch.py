@@ -60,7 +60,12 @@ class Dispatcher:
         return QueueKey(env.session, env.source_node, env.topic)
 
     async def deliver(
-        self, headers: Mapping[str, str], payload: bytes, *, protocol: str, peer_addr: str,
+        self,
+        headers: Mapping[str, str],
+        payload: bytes,
+        *,
+        protocol: str,
+        peer_addr: str,
         from_network: bool,
     ) -> tuple[str, str]:
         """Store or forward one message (push or invoke); return (code, message) for the sender."""
@@ -73,17 +78,36 @@ class Dispatcher:
         table = self.routes.table
         code, reason = self._refusal(env, size, from_network)
         if code is not None:
-            flow(protocol, "REFUSED", session=env.session, topic=env.topic, des=env.target_node,
-                 code=code, started=started, address=peer_addr, size=size, msg=reason)
+            flow(
+                protocol,
+                "REFUSED",
+                session=env.session,
+                topic=env.topic,
+                des=env.target_node,
+                code=code,
+                started=started,
+                address=peer_addr,
+                size=size,
+                msg=reason,
+            )
             self._count(code, env.source_node, "in", size)
             return code, reason
 
         if table.is_self(env.target_node):
             key = QueueKey(env.session, env.target_node, env.topic)
             code, depth = self.queues.push(key, Message(payload, env.headers()))
-            flow(protocol, "MSG_DOWNLOAD", session=env.session, topic=env.topic,
-                 des=env.target_node, code=code, started=started, address=peer_addr, size=size,
-                 msg=f"offset-in-queue:{depth}")
+            flow(
+                protocol,
+                "MSG_DOWNLOAD",
+                session=env.session,
+                topic=env.topic,
+                des=env.target_node,
+                code=code,
+                started=started,
+                address=peer_addr,
+                size=size,
+                msg=f"offset-in-queue:{depth}",
+            )
             self._count(code, env.source_node, "in", size)
             return code, codes.DESCRIPTIONS.get(code, "")
 
@@ -93,15 +117,32 @@ class Dispatcher:
                 f"no route to party {env.target_node!r}: add it to {table.source} "
                 f"(or a '{DEFAULT_PARTY}' route)"
             )
-            flow(protocol, "MSG_REDIRECT", session=env.session, topic=env.topic,
-                 des=env.target_node, code=codes.ROUTE_NOT_FOUND, started=started, size=size,
-                 msg=reason)
+            flow(
+                protocol,
+                "MSG_REDIRECT",
+                session=env.session,
+                topic=env.topic,
+                des=env.target_node,
+                code=codes.ROUTE_NOT_FOUND,
+                started=started,
+                size=size,
+                msg=reason,
+            )
             self._count(codes.ROUTE_NOT_FOUND, env.target_node, "out", size)
             return codes.ROUTE_NOT_FOUND, reason
         code, message, used = await self.forwarder.send(hops, env.next_hop(), payload)
-        flow(protocol, "MSG_REDIRECT", session=env.session, topic=env.topic, des=env.target_node,
-             code=code, started=started, address=used.target if used else hops[0].target,
-             size=size, msg=message or codes.DESCRIPTIONS.get(code, ""))
+        flow(
+            protocol,
+            "MSG_REDIRECT",
+            session=env.session,
+            topic=env.topic,
+            des=env.target_node,
+            code=code,
+            started=started,
+            address=used.target if used else hops[0].target,
+            size=size,
+            msg=message or codes.DESCRIPTIONS.get(code, ""),
+        )
         self._count(code, env.target_node, "out", size)
         return code, message
 
@@ -127,13 +168,19 @@ class Dispatcher:
         started = time.monotonic()
         message = await self.queues.pop(key, timeout_s)
         if message is not None:
-            flow(protocol, "DEFAULT_CONSUME", session=key.session, topic=key.topic, des=key.node,
-                 code=codes.OK, started=started, size=len(message.payload))
+            flow(
+                protocol,
+                "DEFAULT_CONSUME",
+                session=key.session,
+                topic=key.topic,
+                des=key.node,
+                code=codes.OK,
+                started=started,
+                size=len(message.payload),
+            )
         return message
 
-    def peek(
-        self, headers: Mapping[str, str], *, protocol: str
-    ) -> tuple[str, str, Message | None]:
+    def peek(self, headers: Mapping[str, str], *, protocol: str) -> tuple[str, str, Message | None]:
         """Look at the next message of the queue ``headers`` name without taking it.
 
         Returns (code, message, the queued message or None) for the caller."""
@@ -155,8 +202,14 @@ class Dispatcher:
         except EnvelopeError as exc:
             return codes.BAD_REQUEST, str(exc)
         count = self.queues.release(session, topic=topic)
-        flow(protocol, "RELEASE", session=session, topic=topic or "*", code=codes.OK,
-             msg=f"released:{count}")
+        flow(
+            protocol,
+            "RELEASE",
+            session=session,
+            topic=topic or "*",
+            code=codes.OK,
+            msg=f"released:{count}",
+        )
         return codes.OK, f"released {count} queue(s)"
 
     def reload_routes(self) -> None:
@@ -166,7 +219,9 @@ class Dispatcher:
             table = self.routes.table
             log.info(
                 "route table reloaded from %s: %d parties routed, self %s",
-                table.source, len(table.routes), sorted(table.self_parties),
+                table.source,
+                len(table.routes),
+                sorted(table.self_parties),
             )
             for warning in table.warnings:
                 log.warning("route table: %s", warning)
@@ -178,5 +233,11 @@ class Dispatcher:
 
     def expire_queues(self) -> None:
         for key in self.queues.expire(self.cfg.queue_max_free_time_ms / 1000):
-            flow("-", "QUEUE_EXPIRED", session=key.session, topic=key.topic, des=key.node,
-                 code=codes.OK)
+            flow(
+                "-",
+                "QUEUE_EXPIRED",
+                session=key.session,
+                topic=key.topic,
+                des=key.node,
+                code=codes.OK,
+            )

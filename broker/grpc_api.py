@@ -55,7 +55,7 @@ class _Protocol(ptp_pb2_grpc.PrivateTransferProtocolServicer):
         )
         return ptp_pb2.Outbound(code=code, message=message)
 
-    async def invoke(self, request, context):  # noqa: D401 - gRPC signature
+    async def invoke(self, request, context):
         return await self._one(request, _headers(context, request.metadata), context.peer())
 
     async def transport(self, request_iterator, context) -> AsyncIterator[ptp_pb2.Outbound]:
@@ -72,8 +72,11 @@ class _Transport(ptp_pb2_grpc.PrivateTransferTransportServicer):
 
     async def push(self, request, context):
         code, message = await self.d.deliver(
-            _headers(context, request.metadata, request.topic), request.payload,
-            protocol=self.protocol, peer_addr=context.peer(), from_network=False,
+            _headers(context, request.metadata, request.topic),
+            request.payload,
+            protocol=self.protocol,
+            peer_addr=context.peer(),
+            from_network=False,
         )
         return _outbound(code, message)
 
@@ -82,8 +85,10 @@ class _Transport(ptp_pb2_grpc.PrivateTransferTransportServicer):
             key = self.d.queue_key(_headers(context, topic=request.topic))
         except EnvelopeError as exc:
             return _outbound(codes.BAD_REQUEST, str(exc))
-        timeout = request.timeout if request.timeout > 0 else (
-            self.d.cfg.consume_msg_waiting_timeout_ms / 1000
+        timeout = (
+            request.timeout
+            if request.timeout > 0
+            else (self.d.cfg.consume_msg_waiting_timeout_ms / 1000)
         )
         message = await self.d.pop(key, timeout, protocol=self.protocol)
         if message is None:
@@ -91,8 +96,9 @@ class _Transport(ptp_pb2_grpc.PrivateTransferTransportServicer):
         return _outbound(codes.OK, "", message)
 
     async def peek(self, request, context):
-        return _outbound(*self.d.peek(_headers(context, topic=request.topic),
-                                      protocol=self.protocol))
+        return _outbound(
+            *self.d.peek(_headers(context, topic=request.topic), protocol=self.protocol)
+        )
 
     async def release(self, request, context):
         session = _headers(context).get(SESSION, "")

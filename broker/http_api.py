@@ -64,8 +64,11 @@ class HttpApi:
 
     async def _deliver(self, request: web.Request, from_network: bool) -> web.Response:
         code, message = await self.d.deliver(
-            request.headers, await request.read(), protocol=self.protocol,
-            peer_addr=_peer(request), from_network=from_network,
+            request.headers,
+            await request.read(),
+            protocol=self.protocol,
+            peer_addr=_peer(request),
+            from_network=from_network,
         )
         return _answer(code, message)
 
@@ -133,8 +136,12 @@ class HttpApi:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"status": "ok", "self_party": sorted(self.d.self_parties),
-             "routes": sorted(self.d.routes.table.routes), "queues": len(self.d.queues)}
+            {
+                "status": "ok",
+                "self_party": sorted(self.d.self_parties),
+                "routes": sorted(self.d.routes.table.routes),
+                "queues": len(self.d.queues),
+            }
         )
 
     async def metrics(self, request: web.Request) -> web.Response:

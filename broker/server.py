@@ -60,8 +60,12 @@ class Broker:
         self.addresses["grpc"] = f"{host}:{port}"
         if cfg.open_grpc_tls_server:
             creds = tls.grpc_server_credentials(cfg)
-            port = _bind(lambda a: server.add_secure_port(a, creds), tls_host,
-                         cfg.grpc_tls_port, "grpc.tls.port")
+            port = _bind(
+                lambda a: server.add_secure_port(a, creds),
+                tls_host,
+                cfg.grpc_tls_port,
+                "grpc.tls.port",
+            )
             self.addresses["grpcs"] = f"{tls_host}:{port}"
         await server.start()
         self._grpc = server
@@ -99,7 +103,7 @@ class Broker:
             await asyncio.sleep(interval_ms / 1000)
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - a housekeeping failure must not stop the broker
+            except Exception:
                 log.exception("background task %s failed", getattr(fn, "__name__", fn))
 
     async def serve(self) -> None:
@@ -146,8 +150,9 @@ class Broker:
         for task in pending:
             task.cancel()
         if pending:
-            log.warning("%d front end(s) still busy after the grace period; cancelled",
-                        len(pending))
+            log.warning(
+                "%d front end(s) still busy after the grace period; cancelled", len(pending)
+            )
             await asyncio.wait(pending, timeout=_CANCEL_MARGIN_S)
         for task in done:
             if not task.cancelled() and task.exception() is not None:

@@ -38,9 +38,11 @@ def generate(folder: Path, rows: int, overlap: int, seed: int = 7) -> None:
     rng.shuffle(a)
     rng.shuffle(b)
     pd.DataFrame({"uid": a, "age": [rng.randint(18, 90) for _ in a]}).to_csv(
-        folder / "alice.csv", index=False)
+        folder / "alice.csv", index=False
+    )
     pd.DataFrame({"uid": b, "score": [round(rng.random(), 4) for _ in b]}).to_csv(
-        folder / "bob.csv", index=False)
+        folder / "bob.csv", index=False
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"demo: {exc}")
                 return 1  # committed conf folder, fixed ports, as in production
             print(f"demo:   {b.party}: {json.dumps(b.addresses)}")
-        print(f"demo: running psi-run {args.spec} for {' and '.join(parties)} "
-              f"({args.rows} rows each, {args.overlap} shared)")
+        print(
+            f"demo: running psi-run {args.spec} for {' and '.join(parties)} "
+            f"({args.rows} rows each, {args.overlap} shared)"
+        )
         t = time.monotonic()
         results = run_parties(Path(args.spec), parties, cwd=ROOT, log_dir=logs)
         elapsed = time.monotonic() - t
@@ -111,11 +115,16 @@ def main(argv: list[str] | None = None) -> int:
         out = spec.parties[p].output
         got = set(pd.read_csv(out, dtype=str, keep_default_na=False)[spec.keys[0]])
         status = "matches" if got == expected else "DOES NOT MATCH"
-        print(f"demo: {p}'s result {out}: {len(got)} rows, {status} the pandas intersection "
-              f"({len(expected)} ids)")
+        print(
+            f"demo: {p}'s result {out}: {len(got)} rows, {status} the pandas intersection "
+            f"({len(expected)} ids)"
+        )
         ok = ok and got == expected
-    print(pd.read_csv(spec.parties[spec.receiver].output, dtype=str,
-                      keep_default_na=False).head(5).to_string(index=False))
+    print(
+        pd.read_csv(spec.parties[spec.receiver].output, dtype=str, keep_default_na=False)
+        .head(5)
+        .to_string(index=False)
+    )
     return 0 if ok else 1
 
 
@@ -132,8 +141,10 @@ def _answers(address: str) -> bool:
 
 def _expected(spec) -> set[str]:
     key = spec.keys[0]
-    frames = [pd.read_csv(spec.parties[p].input, dtype=str, keep_default_na=False)
-              for p in spec.party_names]
+    frames = [
+        pd.read_csv(spec.parties[p].input, dtype=str, keep_default_na=False)
+        for p in spec.party_names
+    ]
     return set(frames[0][key]) & set(frames[1][key])
 
 

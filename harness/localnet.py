@@ -72,9 +72,18 @@ class LocalBroker:
         ready = log_dir / "ready.json"
         ready.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [str(BIN / "psi-broker"), "--conf-dir", str(self.conf_dir), "--log-dir", str(log_dir),
-             "--ready-file", str(ready), "--quiet"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                str(BIN / "psi-broker"),
+                "--conf-dir",
+                str(self.conf_dir),
+                "--log-dir",
+                str(log_dir),
+                "--ready-file",
+                str(ready),
+                "--quiet",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + timeout_s
         while not ready.exists():
@@ -119,13 +128,21 @@ class LocalBroker:
 def route_to(broker: LocalBroker, protocol: str = "grpc") -> list[dict]:
     """A route entry pointing at ``broker``."""
     if protocol == "http":
-        return [{"protocol": "http",
-                 "url": f"http://127.0.0.1:{broker.http_port}/v1/interconn/chan/invoke"}]
+        return [
+            {
+                "protocol": "http",
+                "url": f"http://127.0.0.1:{broker.http_port}/v1/interconn/chan/invoke",
+            }
+        ]
     return [{"ip": "127.0.0.1", "port": broker.grpc_port}]
 
 
-def start_pair(root: Path, parties: tuple[str, str] = ("alice", "bob"), protocol: str = "grpc",
-               properties: dict[str, str] | None = None) -> list[LocalBroker]:
+def start_pair(
+    root: Path,
+    parties: tuple[str, str] = ("alice", "bob"),
+    protocol: str = "grpc",
+    properties: dict[str, str] | None = None,
+) -> list[LocalBroker]:
     """Two brokers routed to each other, ready for a PSI."""
     brokers = [LocalBroker(p, root / f"broker-{p}", dict(properties or {})) for p in parties]
     try:
@@ -146,35 +163,53 @@ def start_pair(root: Path, parties: tuple[str, str] = ("alice", "bob"), protocol
     return brokers
 
 
-def run_parties(spec: Path, parties: list[str], timeout_s: float = 600.0, cwd: Path | None = None,
-                extra_env: dict[str, str] | None = None, log_dir: Path | None = None,
-                extra_args: list[str] | None = None) -> list[subprocess.CompletedProcess]:
+def run_parties(
+    spec: Path,
+    parties: list[str],
+    timeout_s: float = 600.0,
+    cwd: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+    log_dir: Path | None = None,
+    extra_args: list[str] | None = None,
+) -> list[subprocess.CompletedProcess]:
     """Run ``psi-run SPEC --party P`` for every party at once; wait for all."""
     env = {**os.environ, **(extra_env or {})}
     procs = [
         subprocess.Popen(
-            [str(BIN / "psi-run"), str(spec), "--party", p,
-             "--log-dir", str(log_dir or spec.parent / "logs"), *(extra_args or [])],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=env,
+            [
+                str(BIN / "psi-run"),
+                str(spec),
+                "--party",
+                p,
+                "--log-dir",
+                str(log_dir or spec.parent / "logs"),
+                *(extra_args or []),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=env,
         )
         for p in parties
     ]
     results = []
     deadline = time.monotonic() + timeout_s
-    for p, proc in zip(parties, procs):
+    for _p, proc in zip(parties, procs):
         try:
             out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
         except subprocess.TimeoutExpired:
             for other in procs:
                 other.kill()
             out, err = proc.communicate()
-        results.append(subprocess.CompletedProcess(proc.args, proc.returncode,
-                                                   out.decode(), err.decode()))
+        results.append(
+            subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(), err.decode())
+        )
     return results
 
 
-def free_port_block(size: int = 200, low: int = 20000, high: int = 60000,
-                    attempts: int = 200) -> int:
+def free_port_block(
+    size: int = 200, low: int = 20000, high: int = 60000, attempts: int = 200
+) -> int:
     """A base port B with B..B+size-1 all free on 127.0.0.1 (for a Ray head's port range)."""
     import random
     import socket
@@ -219,18 +254,33 @@ class LocalRayHead:
             self.address = f"127.0.0.1:{free_port_block()}"
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         if self.script is not None:
-            cmd = [str(self.script), self.party, self.address, f"--num-cpus={self.num_cpus}",
-                   f"--temp-dir={self.temp_dir}",
-                   f"--object-store-memory={self.object_store_bytes}", "--block"]
+            cmd = [
+                str(self.script),
+                self.party,
+                self.address,
+                f"--num-cpus={self.num_cpus}",
+                f"--temp-dir={self.temp_dir}",
+                f"--object-store-memory={self.object_store_bytes}",
+                "--block",
+            ]
         else:
-            cmd = ray_start_command(self.party, self.address, num_cpus=self.num_cpus,
-                                    temp_dir=str(self.temp_dir), block=True,
-                                    object_store_bytes=self.object_store_bytes)
+            cmd = ray_start_command(
+                self.party,
+                self.address,
+                num_cpus=self.num_cpus,
+                temp_dir=str(self.temp_dir),
+                block=True,
+                object_store_bytes=self.object_store_bytes,
+            )
         log_path = self.temp_dir / "ray-start.log"
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True,
-                                         env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+            )
         deadline = time.monotonic() + timeout_s
         while b"Ray runtime started" not in log_path.read_bytes():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -27,8 +27,12 @@ def urlopen(request: urllib.request.Request | str, timeout: float):
 
 def ptp_headers(session: str, topic: str = "", source: str = "", target: str = "") -> dict:
     """The ``x-ptp-*`` headers of a queue call; empty values are left out."""
-    pairs = {"x-ptp-session-id": session, "x-ptp-topic": topic,
-             "x-ptp-source-node-id": source, "x-ptp-target-node-id": target}
+    pairs = {
+        "x-ptp-session-id": session,
+        "x-ptp-topic": topic,
+        "x-ptp-source-node-id": source,
+        "x-ptp-target-node-id": target,
+    }
     return {k: v for k, v in pairs.items() if v}
 
 
@@ -41,33 +45,47 @@ class BrokerClient:
     def url(self, path: str) -> str:
         return f"http://{self.address}{path}"
 
-    def call(self, op: str, headers: Mapping[str, str], body: bytes = b"",
-             timeout_s: float = 10.0, query: str = "") -> TransportOutbound:
+    def call(
+        self,
+        op: str,
+        headers: Mapping[str, str],
+        body: bytes = b"",
+        timeout_s: float = 10.0,
+        query: str = "",
+    ) -> TransportOutbound:
         """POST ``/v1/interconn/chan/<op><query>``; the decoded ``TransportOutbound``.
 
         Raises ``OSError`` (``urllib.error.URLError`` included) when the broker does not
         answer, ``ValueError`` when the answer is not a PTP message."""
-        req = urllib.request.Request(self.url(_CHAN + op + query), data=body, method="POST",
-                                     headers=dict(headers))
+        req = urllib.request.Request(
+            self.url(_CHAN + op + query), data=body, method="POST", headers=dict(headers)
+        )
         with urlopen(req, timeout=timeout_s) as resp:
             raw = resp.read()
         out = TransportOutbound()
         try:
             out.ParseFromString(raw)
-        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError has no stable home
+        except Exception as exc:
             raise ValueError(f"{self.address} did not answer with a PTP message") from exc
         return out
 
-    def push(self, session: str, topic: str, source: str, target: str, payload: bytes,
-             timeout_s: float = 120.0) -> TransportOutbound:
+    def push(
+        self,
+        session: str,
+        topic: str,
+        source: str,
+        target: str,
+        payload: bytes,
+        timeout_s: float = 120.0,
+    ) -> TransportOutbound:
         """Queue ``payload`` for ``target`` (the broker routes it on)."""
-        return self.call("push", ptp_headers(session, topic, source, target), payload,
-                         timeout_s)
+        return self.call("push", ptp_headers(session, topic, source, target), payload, timeout_s)
 
     def pop(self, session: str, topic: str, node: str, wait_s: float) -> TransportOutbound:
         """Take the next message of ``topic`` for ``node``, waiting up to ``wait_s``."""
-        return self.call("pop", ptp_headers(session, topic, node), b"", wait_s + 10,
-                         query=f"?timeout={wait_s:g}")
+        return self.call(
+            "pop", ptp_headers(session, topic, node), b"", wait_s + 10, query=f"?timeout={wait_s:g}"
+        )
 
     def release(self, session: str, node: str, timeout_s: float = 5.0) -> None:
         """Drop the queues of ``session`` (best effort: a dead broker has nothing to drop)."""
@@ -108,4 +126,3 @@ def check_broker(broker: str, party: str, timeout_s: float = 5.0) -> dict:
 def release_session(broker: str, session: str, party: str, timeout_s: float = 5.0) -> None:
     """Ask our broker to drop the queues of a finished session (best effort)."""
     BrokerClient(broker).release(session, party, timeout_s)
-

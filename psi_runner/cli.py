@@ -33,10 +33,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("spec", help="job spec (YAML), the same file at both parties")
     parser.add_argument("--party", required=True, help="which party of the spec this is")
-    parser.add_argument("--check", action="store_true",
-                        help="dry run: preflight and the handshake with the peer, then stop")
-    parser.add_argument("--log-dir", default="logs",
-                        help="folder for the detailed log file (default: ./logs)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="dry run: preflight and the handshake with the peer, then stop",
+    )
+    parser.add_argument(
+        "--log-dir", default="logs", help="folder for the detailed log file (default: ./logs)"
+    )
     return parser.parse_args(argv)
 
 
@@ -91,13 +95,15 @@ def _open_log(log_path: Path) -> int:
     try:
         log_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PreflightError(f"cannot create log folder {log_path.parent} ({exc.strerror}); "
-                             "use --log-dir") from None
+        raise PreflightError(
+            f"cannot create log folder {log_path.parent} ({exc.strerror}); use --log-dir"
+        ) from None
     try:
         return os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     except OSError as exc:
-        raise PreflightError(f"cannot write the log file {log_path} ({exc.strerror}); "
-                             "use --log-dir") from None
+        raise PreflightError(
+            f"cannot write the log file {log_path} ({exc.strerror}); use --log-dir"
+        ) from None
 
 
 def _preload(*modules: str) -> None:
@@ -118,8 +124,12 @@ def _job_process(args: argparse.Namespace, console: Console) -> int:
     from . import interrupts
 
     interrupts.start()  # before any other thread: they all inherit the blocked SIGINT
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not args.check:
         _preload("spu.libspu.link", "spu.psi")  # most of a second; the PSI finds it done
     try:
@@ -131,17 +141,22 @@ def _job_process(args: argparse.Namespace, console: Console) -> int:
             _preload("secretflow")  # about 4 s
         for warning in spec.link.warnings():
             console.say(f"warning: {warning}")
-        run = JobRun(spec, args.party, console.log_path, check_only=args.check,
-                     progress=console.say, fatal=console.fatal)
+        run = JobRun(
+            spec,
+            args.party,
+            console.log_path,
+            check_only=args.check,
+            progress=console.say,
+            fatal=console.fatal,
+        )
         report = run.run()
     except PsiRunError as exc:
         return console.fail(exc)
     except KeyboardInterrupt:
         return console.fail(Interrupted("interrupted; no result was written"))
-    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+    except Exception as exc:
         log.exception("unexpected error")
-        console.say(f"internal error ({type(exc).__name__}: {exc}); details in "
-                    f"{console.log_path}")
+        console.say(f"internal error ({type(exc).__name__}: {exc}); details in {console.log_path}")
         return PsiRunError.exit_code
     console.report(report)
     return EXIT_OK

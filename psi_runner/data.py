@@ -73,7 +73,9 @@ def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = Fa
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise PreflightError(f"{where}: cannot read ({exc.strerror}); check its permissions")
+        raise PreflightError(
+            f"{where}: cannot read ({exc.strerror}); check its permissions"
+        ) from None
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -109,8 +111,7 @@ def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = Fa
     try:
         table = pcsv.read_csv(
             io.BytesIO(body),
-            read_options=pcsv.ReadOptions(column_names=header, skip_rows=1,
-                                          block_size=16 << 20),
+            read_options=pcsv.ReadOptions(column_names=header, skip_rows=1, block_size=16 << 20),
             parse_options=pcsv.ParseOptions(newlines_in_values=True),
             convert_options=pcsv.ConvertOptions(
                 column_types={h: pa.string() for h in header},
@@ -128,8 +129,13 @@ def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = Fa
         _check_duplicates(table, keys, where)
     # SPU aligns the two outputs row by row only when the key is the first column (it sorts
     # by the first column otherwise); the canonical-key file always has the key first.
-    plain = (len(keys) == 1 and header[0] == keys[0] and not bom and _plain_file(body)
-             and _plain_keys(table[keys[0]], _PLAIN_BYTES[np.frombuffer(body, np.uint8)].all()))
+    plain = (
+        len(keys) == 1
+        and header[0] == keys[0]
+        and not bom
+        and _plain_file(body)
+        and _plain_keys(table[keys[0]], _PLAIN_BYTES[np.frombuffer(body, np.uint8)].all())
+    )
     return InputTable(path=path, columns=header, table=table, plain=plain)
 
 
@@ -148,7 +154,7 @@ def _plain_keys(column: pa.ChunkedArray, plain_bytes: bool) -> bool:
 
 def _first_blank_line(body: bytes) -> int:
     """1-based number of the first empty line (a final newline is not one), else 0."""
-    if body.startswith(b"\n") or body.startswith(b"\r\n"):
+    if body.startswith((b"\n", b"\r\n")):
         return 1
     for needle in (b"\n\n", b"\n\r\n"):
         pos = body.find(needle)
@@ -177,7 +183,7 @@ def _hex(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     arr = arr.cast(pa.large_string())
     n = len(arr)
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset: arr.offset + n + 1]
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
     raw = arr.buffers()[2]
     data = np.frombuffer(raw, dtype=np.uint8) if raw is not None else np.zeros(0, np.uint8)
     start = int(offsets[0]) if n else 0
@@ -206,17 +212,21 @@ def _const(text: str, n: int) -> pa.Array:
     raw = text.encode("utf-8")
     offsets = np.arange(n + 1, dtype=np.int64) * len(raw)
     return pa.LargeStringArray.from_buffers(
-        n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(raw * n))
+        n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(raw * n)
+    )
 
 
 def write_spu_input(inp: InputTable, keys: tuple[str, ...], dest: Path) -> None:
     """Write the (canonical key, row number) file that SPU reads instead of the input."""
-    t = pa.table({
-        KEY_COLUMN: canonical_keys(inp.table, keys),
-        # from_buffers: pa.array() would import pandas (half a second) to inspect a numpy array
-        ROW_COLUMN: pa.Int64Array.from_buffers(
-            pa.int64(), inp.rows, [None, pa.py_buffer(np.arange(inp.rows, dtype=np.int64))]),
-    })
+    t = pa.table(
+        {
+            KEY_COLUMN: canonical_keys(inp.table, keys),
+            # from_buffers: pa.array() would import pandas (half a second) to inspect a numpy array
+            ROW_COLUMN: pa.Int64Array.from_buffers(
+                pa.int64(), inp.rows, [None, pa.py_buffer(np.arange(inp.rows, dtype=np.int64))]
+            ),
+        }
+    )
     # A bare header: pyarrow quotes header names, which SPU's legacy (psi_csv) reader keeps.
     with open(dest, "wb") as fh:
         fh.write(f"{KEY_COLUMN},{ROW_COLUMN}\n".encode())
@@ -230,7 +240,8 @@ def read_result_rows(spu_output: Path) -> np.ndarray:
     t = pcsv.read_csv(
         spu_output,
         convert_options=pcsv.ConvertOptions(
-            include_columns=[ROW_COLUMN], column_types={ROW_COLUMN: pa.int64()},
+            include_columns=[ROW_COLUMN],
+            column_types={ROW_COLUMN: pa.int64()},
             null_values=[NULL_TEXT],
         ),
     )
@@ -238,7 +249,7 @@ def read_result_rows(spu_output: Path) -> np.ndarray:
     if col.null_count:  # a join's row that only the peer has: -1 stands for "no row of ours"
         col = pc.fill_null(col, -1)
     # Straight from the buffer: to_numpy() would import pandas.
-    return np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset: col.offset + len(col)]
+    return np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + len(col)]
 
 
 def write_result(inp: InputTable, rows: np.ndarray, dest: Path) -> int:
@@ -247,12 +258,16 @@ def write_result(inp: InputTable, rows: np.ndarray, dest: Path) -> int:
     missing = rows < 0
     if missing.any():  # a join's rows that only the peer has: every field is NULL_TEXT
         valid = pa.py_buffer(np.packbits(~missing, bitorder="little"))
-        out = inp.table.take(pa.Int64Array.from_buffers(
-            pa.int64(), len(rows), [valid, pa.py_buffer(np.where(missing, 0, rows))]))
+        out = inp.table.take(
+            pa.Int64Array.from_buffers(
+                pa.int64(), len(rows), [valid, pa.py_buffer(np.where(missing, 0, rows))]
+            )
+        )
         out = pa.table({name: pc.fill_null(out[name], NULL_TEXT) for name in out.column_names})
     else:
         out = inp.table.take(
-            pa.Int64Array.from_buffers(pa.int64(), len(rows), [None, pa.py_buffer(rows)]))
+            pa.Int64Array.from_buffers(pa.int64(), len(rows), [None, pa.py_buffer(rows)])
+        )
     pcsv.write_csv(out, dest, pcsv.WriteOptions(quoting_style="needed"))
     return out.num_rows
 
@@ -276,8 +291,9 @@ def check_output_location(path: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         # "File exists" / "Not a directory" do not say what is in the way: name the file.
-        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()),
-                       None)
+        blocker = next(
+            (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None
+        )
         reason = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror
         raise PreflightError(
             f"{where}: cannot create folder {folder} ({reason}); choose another output path"

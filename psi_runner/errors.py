@@ -28,7 +28,7 @@ class SpecError(PsiRunError):
     """The job spec cannot be used; ``problems`` lists every issue with its key path."""
 
     exit_code = 2
-    meaning = "the job spec is unreadable or invalid"
+    meaning = "the job spec is invalid (every problem is listed with its key path)"
 
     def __init__(self, path: str, problems: list[str]) -> None:
         self.path = path
@@ -44,40 +44,52 @@ class PreflightError(PsiRunError):
     """A local check before any network activity failed."""
 
     exit_code = 3
-    meaning = "a local check failed (input, output, log folder, broker, Ray head)"
+    meaning = (
+        "preflight failed: input, output folder, party name, log folder, the local broker or "
+        "the party's Ray head"
+    )
 
 
 class PeerError(PsiRunError):
     """The peer party is missing, unreachable, failed, or disagrees about the job."""
 
     exit_code = 4
-    meaning = "the peer did not appear, failed, or runs a different job"
+    meaning = "the peer did not appear, cannot be reached, failed, or disagrees about the job"
 
 
 class BackendError(PsiRunError):
     """The PSI itself failed; the raw SPU/SecretFlow text is in the log file."""
 
     exit_code = 5
-    meaning = "the PSI itself failed (SPU or SecretFlow)"
+    meaning = "the PSI itself failed in SPU or SecretFlow (the raw error is in the log)"
 
 
 class EngineCrashed(PsiRunError):
     """The job process was killed by a signal (SPU's C++ code aborted or crashed)."""
 
     exit_code = 6
-    meaning = "the job process was killed by a signal (e.g. SPU's SIGABRT)"
+    meaning = "SPU's engine crashed (e.g. SIGABRT); no result was written"
 
 
 class Interrupted(PsiRunError):
     """The run was stopped by Ctrl-C (SIGINT) or SIGTERM; no result was written."""
 
     exit_code = 130
-    meaning = "stopped by Ctrl-C (SIGINT) or SIGTERM"
+    meaning = "interrupted (Ctrl-C, SIGINT or SIGTERM); the peer is told and stops too"
 
 
 def exit_codes() -> list[tuple[int, str]]:
     """``(code, meaning)`` for every exit code psi-run uses, in code order."""
-    tree = (PsiRunError, SpecError, PreflightError, PeerError, BackendError, EngineCrashed,
-            Interrupted)
-    return [(EXIT_OK, "the job succeeded; stdout holds the JSON report")] + sorted(
-        (cls.exit_code, cls.meaning) for cls in tree)
+    tree = (
+        PsiRunError,
+        SpecError,
+        PreflightError,
+        PeerError,
+        BackendError,
+        EngineCrashed,
+        Interrupted,
+    )
+    return [
+        (EXIT_OK, "success; stdout holds the JSON report"),
+        *sorted((cls.exit_code, cls.meaning) for cls in tree),
+    ]

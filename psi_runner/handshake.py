@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
-from . import __version__
 from broker import codes
 
+from . import __version__
 from .broker_client import BrokerClient
 from .digest import shared_fields, spec_digest
 from .errors import PeerError, PreflightError
@@ -71,8 +71,7 @@ class _Channel:
 
     def push(self, message: dict) -> tuple[str, str]:
         body = json.dumps(message, sort_keys=True).encode("utf-8")
-        out = self.client.push(self.session, f"hs-{self.me}-{self.peer}", self.me, self.peer,
-                               body)
+        out = self.client.push(self.session, f"hs-{self.me}-{self.peer}", self.me, self.peer, body)
         return out.code, out.message
 
     def pop(self, timeout_s: float) -> dict | None:
@@ -149,8 +148,10 @@ def _differences_ordered(p1: str, m1: dict, p2: str, m2: dict) -> list[str]:
 
     diffs = []
     if m1.get("mode") != m2.get("mode"):
-        diffs.append(f"mode differs {both(m1.get('mode'), m2.get('mode'))}; "
-                     "run --check on both sides, or on neither")
+        diffs.append(
+            f"mode differs {both(m1.get('mode'), m2.get('mode'))}; "
+            "run --check on both sides, or on neither"
+        )
     a, b = m1.get("fields") or {}, m2.get("fields") or {}
     for key in list(a) + [k for k in b if k not in a]:  # the spec's own order: protocol first
         if key == "ecdh_curve" and a.get("protocol") != b.get("protocol"):
@@ -166,11 +167,15 @@ def _differences_ordered(p1: str, m1: dict, p2: str, m2: dict) -> list[str]:
             diffs.append(f"{key} differs {both(x, y)}")
     va, vb = m1.get("versions") or {}, m2.get("versions") or {}
     if va.get("spu") != vb.get("spu"):
-        diffs.append(f"spu version differs {both(va.get('spu'), vb.get('spu'))}; "
-                     "install the same psi-run lock on both sides")
+        diffs.append(
+            f"spu version differs {both(va.get('spu'), vb.get('spu'))}; "
+            "install the same psi-run lock on both sides"
+        )
     if str(va.get("psi-run")).split(".")[:2] != str(vb.get("psi-run")).split(".")[:2]:
-        diffs.append(f"psi-run version differs {both(va.get('psi-run'), vb.get('psi-run'))}; "
-                     "upgrade one side")
+        diffs.append(
+            f"psi-run version differs {both(va.get('psi-run'), vb.get('psi-run'))}; "
+            "upgrade one side"
+        )
     return diffs
 
 
@@ -180,16 +185,27 @@ def _show(value: object) -> str:
     return str(value)
 
 
-def handshake(spec: JobSpec, me: str, timeout_s: float, mode: str = "run",
-              progress: Callable[[str], None] = lambda line: None) -> Agreement:
+def handshake(
+    spec: JobSpec,
+    me: str,
+    timeout_s: float,
+    mode: str = "run",
+    progress: Callable[[str], None] = lambda line: None,
+) -> Agreement:
     """Wait for the peer (up to ``timeout_s``) and check that it runs the same job."""
     peer = spec.peer_of(me)
     broker = spec.parties[me].broker
     channel = _Channel(broker, f"{spec.job_id}.hs", me, peer)
     nonce = secrets.token_hex(12)
     hello = {
-        "type": "hello", "job_id": spec.job_id, "party": me, "nonce": nonce, "seen": "",
-        "mode": mode, "fields": shared_fields(spec), "digest": spec_digest(spec),
+        "type": "hello",
+        "job_id": spec.job_id,
+        "party": me,
+        "nonce": nonce,
+        "seen": "",
+        "mode": mode,
+        "fields": shared_fields(spec),
+        "digest": spec_digest(spec),
         "versions": versions(),
     }
     sender = _Sender(channel)
@@ -207,8 +223,10 @@ def handshake(spec: JobSpec, me: str, timeout_s: float, mode: str = "run",
                 raise PeerError(_timeout_message(spec, me, peer, timeout_s, peer_nonce, sender))
             if now >= next_progress:
                 extra = f" ({sender.last_error})" if sender.last_error else ""
-                progress(f"waiting for {peer} at its broker (job {spec.job_id}): "
-                         f"{next_progress - started:.0f} s of {timeout_s:.0f} s{extra}")
+                progress(
+                    f"waiting for {peer} at its broker (job {spec.job_id}): "
+                    f"{next_progress - started:.0f} s of {timeout_s:.0f} s{extra}"
+                )
                 next_progress += PROGRESS_EVERY_S
             if sender.last_error and now - last_send > RESEND_EVERY_S:
                 sender.send({**hello, "seen": peer_nonce})
@@ -235,11 +253,21 @@ def handshake(spec: JobSpec, me: str, timeout_s: float, mode: str = "run",
                 raise PeerError(f"job {spec.job_id}: " + "; ".join(diffs))
             pair = "|".join(sorted([nonce, peer_nonce]))
             session = f"{spec.job_id}.{hashlib.sha256(pair.encode()).hexdigest()[:20]}"
-            log.info("job %s party %s: handshake with %s done after %.1f s, session %s",
-                     spec.job_id, me, peer, time.monotonic() - started, session)
-            return Agreement(session=session, peer_versions=msg.get("versions") or {},
-                             waited_s=time.monotonic() - started, nonce=nonce,
-                             peer_nonce=peer_nonce)
+            log.info(
+                "job %s party %s: handshake with %s done after %.1f s, session %s",
+                spec.job_id,
+                me,
+                peer,
+                time.monotonic() - started,
+                session,
+            )
+            return Agreement(
+                session=session,
+                peer_versions=msg.get("versions") or {},
+                waited_s=time.monotonic() - started,
+                nonce=nonce,
+                peer_nonce=peer_nonce,
+            )
     finally:
         sender.stop()
 
@@ -255,15 +283,22 @@ def finish(spec: JobSpec, me: str) -> None:
     _Channel(spec.parties[me].broker, f"{spec.job_id}.hs", me, peer).release()
 
 
-def _timeout_message(spec: JobSpec, me: str, peer: str, timeout_s: float, peer_nonce: str,
-                     sender: _Sender) -> str:
+def _timeout_message(
+    spec: JobSpec, me: str, peer: str, timeout_s: float, peer_nonce: str, sender: _Sender
+) -> str:
     head = f"job {spec.job_id}: {peer} did not appear within {timeout_s:.0f} s"
     if sender.last_error:
-        return (f"{head}: {me}'s broker cannot deliver to {peer} ({sender.last_error}); check "
-                f"the route to {peer} in {me}'s route_table.json and that {peer}'s broker runs")
+        return (
+            f"{head}: {me}'s broker cannot deliver to {peer} ({sender.last_error}); check "
+            f"the route to {peer} in {me}'s route_table.json and that {peer}'s broker runs"
+        )
     if peer_nonce:
-        return (f"{head}: {peer} was seen but never answered; check that {peer}'s broker "
-                f"routes back to {me}")
-    return (f"{head}: start `psi-run {spec.path.name} --party {peer}` on {peer}'s side with "
-            f"the same job_id, check that {peer}'s broker runs and routes to {me}, or raise "
-            "timeout_s")
+        return (
+            f"{head}: {peer} was seen but never answered; check that {peer}'s broker "
+            f"routes back to {me}"
+        )
+    return (
+        f"{head}: start `psi-run {spec.path.name} --party {peer}` on {peer}'s side with "
+        f"the same job_id, check that {peer}'s broker runs and routes to {me}, or raise "
+        "timeout_s"
+    )

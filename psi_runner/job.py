@@ -40,9 +40,15 @@ class JobRun:
     watchdog's or the signal thread while the main thread may be inside SPU's C++ code.
     With ``check_only`` the run stops after the handshake (a dry run)."""
 
-    def __init__(self, spec: JobSpec, party: str, log_path: Path,
-                 fatal: Callable[[PsiRunError], NoReturn], check_only: bool = False,
-                 progress: Callable[[str], None] = lambda line: None) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        party: str,
+        log_path: Path,
+        fatal: Callable[[PsiRunError], NoReturn],
+        check_only: bool = False,
+        progress: Callable[[str], None] = lambda line: None,
+    ) -> None:
         self.spec = spec
         self.party = party
         self.log_path = log_path
@@ -76,8 +82,14 @@ class JobRun:
                 agreed = self._handshake()
             if self.check_only:
                 self.seconds["total_s"] = time.monotonic() - started
-                return report.check_report(self.spec, self.party, inp.rows,
-                                           agreed.peer_versions, self.log_path, self.seconds)
+                return report.check_report(
+                    self.spec,
+                    self.party,
+                    inp.rows,
+                    agreed.peer_versions,
+                    self.log_path,
+                    self.seconds,
+                )
             with self._stage("prepare"):
                 call = self._prepare(inp)
             with self._stage("psi", timed=False):
@@ -89,9 +101,16 @@ class JobRun:
             self._cleanup()
         self.seconds["total_s"] = time.monotonic() - started
         me = self.spec.parties[self.party]
-        return report.job_report(self.spec, self.party, inp.rows, result.intersection_count,
-                                 rows, me.output if rows is not None else None, self.log_path,
-                                 self.seconds)
+        return report.job_report(
+            self.spec,
+            self.party,
+            inp.rows,
+            result.intersection_count,
+            rows,
+            me.output if rows is not None else None,
+            self.log_path,
+            self.seconds,
+        )
 
     @contextmanager
     def _stage(self, name: str, timed: bool = True) -> Iterator[None]:
@@ -111,8 +130,9 @@ class JobRun:
     def _handshake(self) -> Agreement:
         mode = "check" if self.check_only else "run"
         self._talked = True
-        return handshake.handshake(self.spec, self.party, self.spec.timeout_s, mode=mode,
-                                   progress=self.progress)
+        return handshake.handshake(
+            self.spec, self.party, self.spec.timeout_s, mode=mode, progress=self.progress
+        )
 
     def _prepare(self, inp: data.InputTable) -> PsiCall:
         """SPU's input: the user's file as it is when SPU reads it right, else canonical keys."""
@@ -128,8 +148,9 @@ class JobRun:
         spec, me = self.spec, self.spec.parties[self.party]
         backend = backend_for(spec.backend)
         self.sessions = [agreed.session, *backend.extra_sessions(agreed.session)]
-        env = blackbox_environment(me.broker, spec.party_names, agreed.session,
-                                   trace_id=agreed.session)
+        env = blackbox_environment(
+            me.broker, spec.party_names, agreed.session, trace_id=agreed.session
+        )
         with JobWatchdog(spec, self.party, agreed, self._peer_stopped) as self.watchdog:
             interrupts.set_hook(self._interrupted)
             try:
@@ -189,6 +210,5 @@ class JobRun:
         if not self._talked:
             return
         for session in self.sessions:
-            broker_client.release_session(self.spec.parties[self.party].broker, session,
-                                          self.party)
+            broker_client.release_session(self.spec.parties[self.party].broker, session, self.party)
         handshake.finish(self.spec, self.party)

@@ -78,9 +78,7 @@ def parse_link_settings(value: Any, problems: list[str]) -> LinkSettings:
     for key, raw in value.items():
         path = f"link.{key}"
         if key not in LINK_DEFAULTS:
-            problems.append(
-                f"{path}: unknown link setting (allowed: {', '.join(LINK_DEFAULTS)})"
-            )
+            problems.append(f"{path}: unknown link setting (allowed: {', '.join(LINK_DEFAULTS)})")
             continue
         problem = _link_value_problem(key, raw)
         if problem is None:
@@ -88,11 +86,11 @@ def parse_link_settings(value: Any, problems: list[str]) -> LinkSettings:
         else:
             problems.append(f"{path}: {problem}")
     settings = LinkSettings(**values)
-    if (settings.brpc_channel_protocol == "http"
-            and settings.brpc_channel_connection_type == "single"):
-        problems.append(
-            "link.brpc_channel_connection_type: http needs pooled or short, not single"
-        )
+    if (
+        settings.brpc_channel_protocol == "http"
+        and settings.brpc_channel_connection_type == "single"
+    ):
+        problems.append("link.brpc_channel_connection_type: http needs pooled or short, not single")
     return settings
 
 
@@ -147,5 +145,6 @@ def create_blackbox_link(
     import spu.libspu.link as spu_link
 
     os.environ.update(env)
-    return spu_link.create_brpc(blackbox_desc(settings, parties, link_id),
-                                parties.index(self_party))
+    return spu_link.create_brpc(
+        blackbox_desc(settings, parties, link_id), parties.index(self_party)
+    )

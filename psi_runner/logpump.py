@@ -26,8 +26,9 @@ _DIGITS = re.compile(rb"\d+")
 class LogPump:
     """Writes lines read from a pipe into ``log_fd`` with the limits above."""
 
-    def __init__(self, log_fd: int, max_bytes: int = MAX_BYTES,
-                 repeats_kept: int = REPEATS_KEPT) -> None:
+    def __init__(
+        self, log_fd: int, max_bytes: int = MAX_BYTES, repeats_kept: int = REPEATS_KEPT
+    ) -> None:
         self.log_fd = log_fd
         self.max_bytes = max_bytes
         self.repeats_kept = repeats_kept
@@ -68,8 +69,10 @@ class LogPump:
 
     def _flush_repeats(self) -> None:
         if self._dropped:
-            self._write(f"[psi-run] the line above repeated {self._dropped} more times "
-                        "(not written)\n".encode())
+            self._write(
+                f"[psi-run] the line above repeated {self._dropped} more times "
+                "(not written)\n".encode()
+            )
         self._dropped = 0
 
     def _write(self, data: bytes) -> None:
@@ -77,8 +80,10 @@ class LogPump:
             return
         if self.written + len(data) > self.max_bytes:
             self.full = True
-            data = (f"[psi-run] log file reached {self.max_bytes} bytes; nothing more is "
-                    "written to it\n").encode()
+            data = (
+                f"[psi-run] log file reached {self.max_bytes} bytes; nothing more is "
+                "written to it\n"
+            ).encode()
         try:
             os.write(self.log_fd, data)
             self.written += len(data)

@@ -37,15 +37,22 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def ray_start_command(party: str, address: str, num_cpus: int | None = None,
-                      temp_dir: str | None = None, block: bool = False,
-                      ray_bin: str | None = None,
-                      object_store_bytes: int | None = None) -> list[str]:
+def ray_start_command(
+    party: str,
+    address: str,
+    num_cpus: int | None = None,
+    temp_dir: str | None = None,
+    block: bool = False,
+    ray_bin: str | None = None,
+    object_store_bytes: int | None = None,
+) -> list[str]:
     """The ``ray start --head`` command for ``party``'s head at ``address`` (host:port)."""
     host, base = split_address(address)
     if base + WORKER_PORTS[1] > 65535:
-        raise ValueError(f"port {base} leaves no room for the head's {WORKER_PORTS[1]} "
-                         "following ports; choose a port below 65336")
+        raise ValueError(
+            f"port {base} leaves no room for the head's {WORKER_PORTS[1]} "
+            "following ports; choose a port below 65336"
+        )
     if ray_bin is None:
         candidate = Path(sys.executable).parent / "ray"
         ray_bin = str(candidate) if candidate.exists() else "ray"
@@ -90,19 +97,22 @@ def check_head(party: str, address: str, connect_timeout_s: float = 3.0) -> dict
         reason = exc.strerror or type(exc).__name__
         raise PreflightError(
             f"the Ray head of {party} at {address} (parties.{party}.ray_address) does not "
-            f"answer ({reason}); {fix}") from None
+            f"answer ({reason}); {fix}"
+        ) from None
     version = _gcs_version(address, connect_timeout_s + 2)
     if version is None:
         raise PreflightError(
             f"{address} (parties.{party}.ray_address) answers, but not as a Ray head; point "
-            f"ray_address at the head's --port, or {fix}")
+            f"ray_address at the head's --port, or {fix}"
+        )
     import ray
 
     if version != ray.__version__:
         raise PreflightError(
             f"the Ray head of {party} at {address} runs Ray {version}, this psi-run has Ray "
             f"{ray.__version__}; start the head from this psi-run installation: "
-            f"{command_text(party, address)}")
+            f"{command_text(party, address)}"
+        )
     try:
         if not ray.is_initialized():
             ray.init(address=address, log_to_driver=True, logging_level="warning")
@@ -111,11 +121,13 @@ def check_head(party: str, address: str, connect_timeout_s: float = 3.0) -> dict
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
         raise PreflightError(
             f"cannot join the Ray cluster of {party} at {address} ({first}); check that it "
-            f"is a Ray head started from the same psi-run installation, or {fix}") from None
+            f"is a Ray head started from the same psi-run installation, or {fix}"
+        ) from None
     if resources.get(party, 0) <= 0:
         raise PreflightError(
             f"the Ray cluster at {address} has no {party!r} resource, so {party}'s tasks "
-            f"would wait for ever; restart its head with: {command_text(party, address)}")
+            f"would wait for ever; restart its head with: {command_text(party, address)}"
+        )
     return resources
 
 
@@ -142,18 +154,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m psi_runner.rayhead",
         description="Print the ray start command for a party's Ray head (ports derived from "
-                    "--address so two heads on one host do not collide).")
+        "--address so two heads on one host do not collide).",
+    )
     parser.add_argument("--party", required=True)
     parser.add_argument("--address", required=True, help="host:port of the head (its GCS)")
     parser.add_argument("--num-cpus", type=int)
     parser.add_argument("--temp-dir", help="Ray's temp folder (default /tmp/ray-PARTY)")
-    parser.add_argument("--object-store-memory", type=int, metavar="BYTES",
-                        help="size of the head's object store (Ray's default: 30%% of RAM)")
+    parser.add_argument(
+        "--object-store-memory",
+        type=int,
+        metavar="BYTES",
+        help="size of the head's object store (Ray's default: 30%% of RAM)",
+    )
     parser.add_argument("--block", action="store_true", help="keep ray start in the foreground")
     args = parser.parse_args(argv)
     try:
-        cmd = ray_start_command(args.party, args.address, args.num_cpus, args.temp_dir,
-                                args.block, object_store_bytes=args.object_store_memory)
+        cmd = ray_start_command(
+            args.party,
+            args.address,
+            args.num_cpus,
+            args.temp_dir,
+            args.block,
+            object_store_bytes=args.object_store_memory,
+        )
     except ValueError as exc:
         print(f"rayhead: {exc}", file=sys.stderr)
         return 2

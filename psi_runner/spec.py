@@ -84,13 +84,16 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
             hash(key)
         except TypeError:  # e.g. "[a, b]: 1"; without this check: a TypeError traceback
             raise yaml.constructor.ConstructorError(
-                None, None, "a key must be a plain value, not a list or mapping",
+                None,
+                None,
+                "a key must be a plain value, not a list or mapping",
                 key_node.start_mark,
             ) from None
         if key in seen:
             mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(
-                None, None,
+                None,
+                None,
                 f"key {key!r} appears twice (line {seen[key].start_mark.line + 1} "
                 f"and line {mark.line + 1}); keep one",
                 mark,
@@ -99,9 +102,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
-)
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 # YAML 1.1 reads 0001 as octal 1, 0x10 as 16 and 1:30 as 90, which silently renamed a party
 # written as ``0001:``. Only plain decimal numbers are ints here; the rest stay text.
@@ -110,14 +111,27 @@ _INT_TAG = "tag:yaml.org,2002:int"
 _TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _DECIMAL = re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$")
 _UniqueKeyLoader.yaml_implicit_resolvers = {
-    first: [(tag, _DECIMAL if tag == _INT_TAG else rx) for tag, rx in resolvers
-            if tag != _TIMESTAMP_TAG]
+    first: [
+        (tag, _DECIMAL if tag == _INT_TAG else rx) for tag, rx in resolvers if tag != _TIMESTAMP_TAG
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 
 _TOP_KEYS = {
-    "job_id", "protocol", "keys", "receiver", "broadcast_result", "ecdh_curve", "parties", "link",
-    "timeout_s", "allow_duplicate_keys", "backend", "api", "join", "left_side",
+    "job_id",
+    "protocol",
+    "keys",
+    "receiver",
+    "broadcast_result",
+    "ecdh_curve",
+    "parties",
+    "link",
+    "timeout_s",
+    "allow_duplicate_keys",
+    "backend",
+    "api",
+    "join",
+    "left_side",
 }
 _PARTY_KEYS = {"broker", "input", "output", "ray_address"}
 
@@ -207,8 +221,9 @@ def _parse_fields(doc: dict[Any, Any], base: Path, problems: list[str]) -> dict[
     }
 
 
-def _unknown_keys(mapping: dict[Any, Any], allowed: set[str], prefix: str,
-                  problems: list[str]) -> None:
+def _unknown_keys(
+    mapping: dict[Any, Any], allowed: set[str], prefix: str, problems: list[str]
+) -> None:
     for key in mapping:
         if key not in allowed:
             problems.append(f"{prefix}{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
@@ -248,8 +263,9 @@ def _keys(value: Any, problems: list[str]) -> tuple[str, ...]:
         if value is None:
             problems.append("keys: required, a list of key column names, e.g. keys: [uid]")
         else:
-            problems.append(f"keys: must be a list of key column names, e.g. keys: [uid], "
-                            f"got {value!r}")
+            problems.append(
+                f"keys: must be a list of key column names, e.g. keys: [uid], got {value!r}"
+            )
         return ()
     keys: list[str] = []
     for i, item in enumerate(value):
@@ -289,8 +305,7 @@ def _timeout_s(value: Any, problems: list[str]) -> float:
     return value
 
 
-def _choice(doc: dict[Any, Any], key: str, allowed: tuple[str, ...],
-            problems: list[str]) -> str:
+def _choice(doc: dict[Any, Any], key: str, allowed: tuple[str, ...], problems: list[str]) -> str:
     value = doc.get(key, _DEFAULTS[key])
     if not isinstance(value, str) or value.lower() not in allowed:
         problems.append(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
@@ -319,8 +334,9 @@ def _parties(value: Any, base: Path, problems: list[str]) -> dict[str, PartySpec
     return result
 
 
-def _party(name: str, settings: Any, base: Path, path: str,
-           problems: list[str]) -> PartySpec | None:
+def _party(
+    name: str, settings: Any, base: Path, path: str, problems: list[str]
+) -> PartySpec | None:
     """One party's settings; None if any of them is bad (the problems say which)."""
     if not isinstance(settings, dict):
         problems.append(f"{path}: must be a mapping with broker, input and output")
@@ -337,15 +353,21 @@ def _party(name: str, settings: Any, base: Path, path: str,
 def _ray_address(settings: dict[Any, Any], path: str, problems: list[str]) -> str | None:
     if "ray_address" not in settings:
         return None
-    address = _broker(settings.get("ray_address"), f"{path}.ray_address", problems,
-                      what="host:port of this party's Ray head", example="31000")
+    address = _broker(
+        settings.get("ray_address"),
+        f"{path}.ray_address",
+        problems,
+        what="host:port of this party's Ray head",
+        example="31000",
+    )
     # "" marks "given but invalid" (already reported), so the backend check does not also
     # call it missing.
     return address or ""
 
 
-def _files(settings: dict[Any, Any], base: Path, path: str,
-           problems: list[str]) -> tuple[Path | None, Path | None]:
+def _files(
+    settings: dict[Any, Any], base: Path, path: str, problems: list[str]
+) -> tuple[Path | None, Path | None]:
     inp = _path(settings.get("input"), base, f"{path}.input", problems)
     out = _path(settings.get("output"), base, f"{path}.output", problems)
     if inp is not None and out is not None and inp == out:
@@ -353,9 +375,13 @@ def _files(settings: dict[Any, Any], base: Path, path: str,
     return inp, out
 
 
-def _broker(value: Any, path: str, problems: list[str],
-            what: str = "host:port of this party's broker HTTP port",
-            example: str = "9380") -> str | None:
+def _broker(
+    value: Any,
+    path: str,
+    problems: list[str],
+    what: str = "host:port of this party's broker HTTP port",
+    example: str = "9380",
+) -> str | None:
     if not isinstance(value, str) or not value.strip():
         problems.append(f"{path}: required, {what}")
         return None
@@ -396,11 +422,15 @@ def _psi_csv_limits(values: dict[str, Any], doc: dict[Any, Any]) -> Iterator[str
     if values["api"] != "psi_csv":
         return
     if values["join"] != "inner":
-        yield (f"join: {values['join']} needs api: psi; the legacy psi_csv call only "
-               "computes the intersection")
+        yield (
+            f"join: {values['join']} needs api: psi; the legacy psi_csv call only "
+            "computes the intersection"
+        )
     if values["allow_duplicate_keys"]:
-        yield ("allow_duplicate_keys: the legacy psi_csv call cannot take "
-               "duplicate keys; use api: psi or deduplicate the input")
+        yield (
+            "allow_duplicate_keys: the legacy psi_csv call cannot take "
+            "duplicate keys; use api: psi or deduplicate the input"
+        )
 
 
 def _left_side_fits_join(values: dict[str, Any], doc: dict[Any, Any]) -> Iterator[str]:
@@ -410,8 +440,10 @@ def _left_side_fits_join(values: dict[str, Any], doc: dict[Any, Any]) -> Iterato
     if values["join"] == "inner":
         yield "left_side: only applies to join: left, right, full or difference; remove it"
     elif left_side is None or (parties and left_side not in parties):
-        yield (f"left_side: must be one of the parties ({', '.join(parties)}), "
-               f"got {doc.get('left_side')!r}")
+        yield (
+            f"left_side: must be one of the parties ({', '.join(parties)}), "
+            f"got {doc.get('left_side')!r}"
+        )
 
 
 def _ray_addresses_fit_backend(values: dict[str, Any], doc: dict[Any, Any]) -> Iterator[str]:
@@ -419,15 +451,28 @@ def _ray_addresses_fit_backend(values: dict[str, Any], doc: dict[Any, Any]) -> I
     for name, party in values["parties"].items():
         where = f"parties.{name}.ray_address"
         if backend == "ray" and party.ray_address is None:
-            yield (f"{where}: required with backend: ray, the host:port of "
-                   f"{name}'s Ray head (e.g. 127.0.0.1:31000)")
+            yield (
+                f"{where}: required with backend: ray, the host:port of "
+                f"{name}'s Ray head (e.g. 127.0.0.1:31000)"
+            )
         elif backend != "ray" and party.ray_address is not None:
-            yield (f"{where}: only used with backend: ray (this spec has backend: "
-                   f"{backend}); remove it or set backend: ray")
+            yield (
+                f"{where}: only used with backend: ray (this spec has backend: "
+                f"{backend}); remove it or set backend: ray"
+            )
 
 
 _RULES: tuple[_Rule, ...] = (_psi_csv_limits, _left_side_fits_join, _ray_addresses_fit_backend)
 
 
-__all__ = ["APIS", "BACKENDS", "JOINS", "LINK_DEFAULTS", "PROTOCOLS", "JobSpec", "PartySpec",
-           "load_spec", "parse_spec"]
+__all__ = [
+    "APIS",
+    "BACKENDS",
+    "JOINS",
+    "LINK_DEFAULTS",
+    "PROTOCOLS",
+    "JobSpec",
+    "PartySpec",
+    "load_spec",
+    "parse_spec",
+]

@@ -33,8 +33,15 @@ BEAT_EVERY_S = 3.0
 class JobWatchdog:
     """Calls ``abort(message)`` (from its thread) when the job cannot finish."""
 
-    def __init__(self, spec: JobSpec, me: str, agreed: Agreement, abort: Callable[[str], None],
-                 broker_grace_s: float = 20.0, peer_silence_s: float | None = None) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        me: str,
+        agreed: Agreement,
+        abort: Callable[[str], None],
+        broker_grace_s: float = 20.0,
+        peer_silence_s: float | None = None,
+    ) -> None:
         if peer_silence_s is None:
             peer_silence_s = float(os.environ.get("PSI_RUN_PEER_SILENCE_S", "90"))
         self.spec = spec
@@ -64,8 +71,13 @@ class JobWatchdog:
         self._stop.set()
 
     def _message(self, kind: str, **extra: str) -> dict:
-        return {"type": kind, "party": self.me, "nonce": self.agreed.nonce,
-                "to": self.agreed.peer_nonce, **extra}
+        return {
+            "type": kind,
+            "party": self.me,
+            "nonce": self.agreed.nonce,
+            "to": self.agreed.peer_nonce,
+            **extra,
+        }
 
     def notify_failure(self, reason: str) -> None:
         """Tell the peer our side failed, so it stops now instead of at its timeout."""
@@ -105,12 +117,14 @@ class JobWatchdog:
                         return self._fire(
                             f"job {job}: the broker of {self.me} stopped answering during the "
                             "PSI; the job was stopped and no result was written; restart the "
-                            "broker and run the job again")
+                            "broker and run the job again"
+                        )
             if now - peer_seen > self.peer_silence_s:
                 return self._fire(
                     f"job {job}: no sign of {self.peer} for {self.peer_silence_s:.0f} s during "
                     f"the PSI (its process or the link between the brokers is gone); no result "
-                    "was written; check its log and run the job again")
+                    "was written; check its log and run the job again"
+                )
             try:
                 msg = self.channel.pop(1.0)
             except (OSError, ValueError):
@@ -122,5 +136,7 @@ class JobWatchdog:
                 continue
             peer_seen = time.monotonic()
             if msg.get("type") == "abort":
-                return self._fire(f"job {job}: {self.peer} stopped the job: "
-                                  f"{msg.get('reason', 'no reason given')}")
+                return self._fire(
+                    f"job {job}: {self.peer} stopped the job: "
+                    f"{msg.get('reason', 'no reason given')}"
+                )

@@ -32,7 +32,7 @@ def remove_stale_work_dirs(folder: Path, party: str) -> list[Path]:
     """Delete work folders left by runs of ``party`` that were killed (their process is gone)."""
     removed = []
     for path in folder.glob(f"{_prefix(party)}*-*"):
-        pid_text = path.name[len(_prefix(party)):].split("-", 1)[0]
+        pid_text = path.name[len(_prefix(party)) :].split("-", 1)[0]
         if not pid_text.isdigit() or not path.is_dir() or _alive(int(pid_text)):
             continue
         shutil.rmtree(path, ignore_errors=True)

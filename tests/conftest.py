@@ -9,19 +9,29 @@ import time
 from pathlib import Path
 
 import pandas as pd
-
 import pytest
 import yaml
 
-from psi_runner.broker_client import BrokerClient, ptp_headers
-
 from harness.localnet import LocalBroker, run_parties, start_pair
+from psi_runner.broker_client import BrokerClient, ptp_headers
 
 # Key values that have broken SPU's CSV handling or naive tooling: commas, quotes, spaces,
 # non-ASCII, '~' (the canonical-encoding marker), hex-looking text, an empty-looking quote.
 TRICKY = [
-    "张三", 'quote"inside', "comma,inside", " lead space", "trail space ", "~tilde",
-    "7e", "~7e", "multi\nline", "semi;colon", "'single'", "emoji 🙂", "a-b", "-",
+    "张三",
+    'quote"inside',
+    "comma,inside",
+    " lead space",
+    "trail space ",
+    "~tilde",
+    "7e",
+    "~7e",
+    "multi\nline",
+    "semi;colon",
+    "'single'",
+    "emoji 🙂",
+    "a-b",
+    "-",
 ]
 
 

@@ -8,8 +8,8 @@ process group, never with ``ray stop``.
 from __future__ import annotations
 
 import os
-import shutil
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import (
     TRICKY,
     assert_same_rows,
@@ -29,8 +28,9 @@ from conftest import (
     write_csv,
     write_spec,
 )
-from harness.localnet import BIN, LocalRayHead, run_parties
 from test_join import check_join, join_data
+
+from harness.localnet import BIN, LocalRayHead, run_parties
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +56,7 @@ def _check(folder: Path, parties=("alice", "bob")) -> None:
 
 # --- which sockets the runner processes use ---------------------------------------------------
 
+
 def _tcp_table() -> dict[str, tuple[int, int, str]]:
     """socket inode -> (local port, remote port, state) for IPv4 and IPv6 TCP sockets."""
     table = {}
@@ -64,8 +65,11 @@ def _tcp_table() -> dict[str, tuple[int, int, str]]:
             for line in fh.readlines()[1:]:
                 f = line.split()
                 local, remote, state, inode = f[1], f[2], f[3], f[9]
-                table[inode] = (int(local.rsplit(":", 1)[1], 16),
-                                int(remote.rsplit(":", 1)[1], 16), state)
+                table[inode] = (
+                    int(local.rsplit(":", 1)[1], 16),
+                    int(remote.rsplit(":", 1)[1], 16),
+                    state,
+                )
     return table
 
 
@@ -174,8 +178,15 @@ def test_secretflow_psi_only_talks_to_its_own_broker(tmp_path, brokers):
 def test_secretflow_psi_csv_legacy_call(tmp_path, brokers):
     """api psi_csv (SecretFlow's legacy bucket PSI) with KKRT; only the receiver gets rows."""
     _data(tmp_path, random.Random(12), tricky=False)
-    spec = write_spec(tmp_path, brokers, backend="secretflow", api="psi_csv", protocol="KKRT",
-                      receiver="bob", broadcast_result=False)
+    spec = write_spec(
+        tmp_path,
+        brokers,
+        backend="secretflow",
+        api="psi_csv",
+        protocol="KKRT",
+        receiver="bob",
+        broadcast_result=False,
+    )
     reports = {r["party"]: r for r in run_ok(spec, ["alice", "bob"])}
     _check(tmp_path, parties=("bob",))
     assert reports["bob"]["intersection_count"] == 200
@@ -190,15 +201,21 @@ def test_secretflow_peer_killed_then_the_job_runs_again(tmp_path, brokers):
     _data(tmp_path, random.Random(13), tricky=False)
     spec = write_spec(tmp_path, brokers, backend="secretflow")
     env = {**os.environ, "PSI_RUN_PEER_SILENCE_S": "8"}
-    procs = {p: subprocess.Popen([str(BIN / "psi-run"), str(spec), "--party", p,
-                                  "--log-dir", str(tmp_path / "logs")],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-             for p in ("alice", "bob")}
+    procs = {
+        p: subprocess.Popen(
+            [str(BIN / "psi-run"), str(spec), "--party", p, "--log-dir", str(tmp_path / "logs")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for p in ("alice", "bob")
+    }
     deadline = time.monotonic() + 120
     logs = tmp_path / "logs"
     while time.monotonic() < deadline:  # wait until bob is inside SecretFlow
-        if any("PRODUCTION mode" in f.read_text(errors="replace")
-               for f in logs.glob("job-bob-*.log")):
+        if any(
+            "PRODUCTION mode" in f.read_text(errors="replace") for f in logs.glob("job-bob-*.log")
+        ):
             break
         time.sleep(0.1)
     else:
@@ -227,14 +244,20 @@ def test_ctrl_c_during_the_psi_stops_both_sides(tmp_path, brokers, backend):
     write_csv(tmp_path / "data/alice.csv", {"uid": ids}, "\n")
     write_csv(tmp_path / "data/bob.csv", {"uid": ids[::2]}, "\n")
     spec = write_spec(tmp_path, brokers, backend=backend)
-    procs = {p: subprocess.Popen([str(BIN / "psi-run"), str(spec), "--party", p,
-                                  "--log-dir", str(tmp_path / "logs")],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for p in ("alice", "bob")}
+    procs = {
+        p: subprocess.Popen(
+            [str(BIN / "psi-run"), str(spec), "--party", p, "--log-dir", str(tmp_path / "logs")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for p in ("alice", "bob")
+    }
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # alice's PSI has started
-        if any("Rr22PsiReceiver::Init" in f.read_text(errors="replace")
-               for f in (tmp_path / "logs").glob("job-alice-*.log")):
+        if any(
+            "Rr22PsiReceiver::Init" in f.read_text(errors="replace")
+            for f in (tmp_path / "logs").glob("job-alice-*.log")
+        ):
             break
         time.sleep(0.05)
     else:
@@ -256,15 +279,25 @@ def test_backend_mismatch_is_caught_by_the_handshake(tmp_path, brokers):
     other = tmp_path / "job-sf.yaml"
     doc = yaml.safe_load(spec.read_text())
     doc["backend"] = "secretflow"
-    doc["parties"] = {p: {**v, "input": str((tmp_path / v["input"]).resolve()),
-                          "output": str((tmp_path / v["output"]).resolve())}
-                      for p, v in doc["parties"].items()}
+    doc["parties"] = {
+        p: {
+            **v,
+            "input": str((tmp_path / v["input"]).resolve()),
+            "output": str((tmp_path / v["output"]).resolve()),
+        }
+        for p, v in doc["parties"].items()
+    }
     other.write_text(yaml.safe_dump(doc))
     env = dict(os.environ)
-    procs = [subprocess.Popen([str(BIN / "psi-run"), str(s), "--party", p,
-                               "--log-dir", str(tmp_path / "logs")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-             for s, p in ((spec, "alice"), (other, "bob"))]
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "psi-run"), str(s), "--party", p, "--log-dir", str(tmp_path / "logs")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for s, p in ((spec, "alice"), (other, "bob"))
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 4
@@ -273,14 +306,18 @@ def test_backend_mismatch_is_caught_by_the_handshake(tmp_path, brokers):
 
 # --- Ray: one head per party, disjoint ports ----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ray_heads():
     heads = []
     try:
         for party in ("alice", "bob"):
             # Ray's socket paths must stay short: a folder right under /tmp, not tmp_path.
-            head = LocalRayHead(party, Path(f"/tmp/psi-run-test-ray-{party}-{os.getpid()}"),
-                                script=ROOT / "deploy/ray/start-ray-head.sh")  # as deployed
+            head = LocalRayHead(
+                party,
+                Path(f"/tmp/psi-run-test-ray-{party}-{os.getpid()}"),
+                script=ROOT / "deploy/ray/start-ray-head.sh",
+            )  # as deployed
             heads.append(head)
             head.start()
         yield {h.party: h for h in heads}
@@ -314,8 +351,11 @@ def _head_ports(head: LocalRayHead) -> set[int]:
     from psi_runner.rayhead import SERVICE_PORTS, WORKER_PORTS, split_address
 
     base = split_address(head.address)[1]
-    return ({base} | {base + off for off in SERVICE_PORTS.values()}
-            | set(range(base + WORKER_PORTS[0], base + WORKER_PORTS[1] + 1)))
+    return (
+        {base}
+        | {base + off for off in SERVICE_PORTS.values()}
+        | set(range(base + WORKER_PORTS[0], base + WORKER_PORTS[1] + 1))
+    )
 
 
 def test_ray_backend_left_join(tmp_path, brokers, ray_heads):
@@ -323,8 +363,10 @@ def test_ray_backend_left_join(tmp_path, brokers, ray_heads):
     process of one party's Ray cluster connects to anything of the other party's."""
     join_data(tmp_path, random.Random(21), tricky=True)
     spec = _ray_spec(tmp_path, brokers, ray_heads, join="left")
-    watches = {p: SocketWatch(spec, pids=lambda h=h: _descendants(h.proc.pid))
-               for p, h in ray_heads.items()}
+    watches = {
+        p: SocketWatch(spec, pids=lambda h=h: _descendants(h.proc.pid))
+        for p, h in ray_heads.items()
+    }
     for w in watches.values():
         w.start()
     try:
@@ -343,8 +385,10 @@ def test_ray_backend_left_join(tmp_path, brokers, ray_heads):
         # The PSI task ran in this party's Ray worker and used this party's broker ...
         assert by_party[me].http_port in seen, me
         # ... and nothing of the other party: neither its Ray head nor its broker.
-        theirs = _head_ports(ray_heads[other]) | {by_party[other].http_port,
-                                                  by_party[other].grpc_port}
+        theirs = _head_ports(ray_heads[other]) | {
+            by_party[other].http_port,
+            by_party[other].grpc_port,
+        }
         assert not seen & theirs, (me, seen & theirs)
 
 
@@ -405,5 +449,7 @@ def test_ray_address_of_something_else_is_refused_fast(tmp_path, brokers, port_o
     [result] = run_parties(spec, ["alice"], timeout_s=60, extra_args=["--check"])
     assert time.monotonic() - t < 30
     assert result.returncode == 3, result.stderr
-    assert f"127.0.0.1:{port} (parties.alice.ray_address) answers, but not as a Ray head" \
+    assert (
+        f"127.0.0.1:{port} (parties.alice.ray_address) answers, but not as a Ray head"
         in result.stderr
+    )

@@ -10,10 +10,10 @@ import time
 
 import grpc
 import pytest
+from conftest import _hdr, _http
 
 from broker import codes
 from broker.proto import ptp_pb2, ptp_pb2_grpc
-from conftest import _hdr, _http
 from harness.localnet import BIN, LocalBroker, start_pair
 
 
@@ -34,11 +34,14 @@ def test_http_push_at_alice_is_popped_at_bob(brokers):
 def test_long_poll_pop_returns_when_the_message_arrives(brokers):
     alice, bob = brokers
     proc = subprocess.Popen(
-        [str(BIN / "python"), "-c",
-         "import time, urllib.request; time.sleep(0.5); req = urllib.request.Request("
-         f"'http://{alice.http}/v1/interconn/chan/push', data=b'late', method='POST', headers="
-         "{'x-ptp-session-id': 's2', 'x-ptp-topic': 't', 'x-ptp-source-node-id': 'alice',"
-         " 'x-ptp-target-node-id': 'bob'}); urllib.request.urlopen(req, timeout=10).read()"],
+        [
+            str(BIN / "python"),
+            "-c",
+            "import time, urllib.request; time.sleep(0.5); req = urllib.request.Request("
+            f"'http://{alice.http}/v1/interconn/chan/push', data=b'late', method='POST', headers="
+            "{'x-ptp-session-id': 's2', 'x-ptp-topic': 't', 'x-ptp-source-node-id': 'alice',"
+            " 'x-ptp-target-node-id': 'bob'}); urllib.request.urlopen(req, timeout=10).read()",
+        ],
     )
     t = time.monotonic()
     got = _http(bob, "pop", _hdr("s2", "t", "bob"), query="?timeout=10")
@@ -68,26 +71,39 @@ def test_bad_headers_are_refused_with_a_reason(brokers):
     alice, _ = brokers
     r = _http(alice, "push", _hdr("../etc", "t", "alice", "bob"), b"x")
     assert r.code == codes.BAD_REQUEST and "x-ptp-session-id" in r.message
-    r = _http(alice, "push", {"x-ptp-session-id": "s", "x-ptp-source-node-id": "alice",
-                              "x-ptp-target-node-id": "bob"}, b"x")
+    r = _http(
+        alice,
+        "push",
+        {"x-ptp-session-id": "s", "x-ptp-source-node-id": "alice", "x-ptp-target-node-id": "bob"},
+        b"x",
+    )
     assert r.code == codes.BAD_REQUEST and "x-ptp-topic" in r.message
 
 
 def test_grpc_client_from_project_proto_pushes_at_alice_and_pops_at_bob(brokers):
     alice, bob = brokers
     md = lambda src, tgt="": tuple(  # noqa: E731
-        (k, v) for k, v in {"x-ptp-session-id": "g1", "x-ptp-source-node-id": src,
-                            "x-ptp-target-node-id": tgt}.items() if v
+        (k, v)
+        for k, v in {
+            "x-ptp-session-id": "g1",
+            "x-ptp-source-node-id": src,
+            "x-ptp-target-node-id": tgt,
+        }.items()
+        if v
     )
     with grpc.insecure_channel(f"127.0.0.1:{alice.grpc_port}") as ch:
         stub = ptp_pb2_grpc.PrivateTransferTransportStub(ch)
-        out = stub.push(ptp_pb2.PushInbound(topic="alice-bob", payload=b"hello bob"),
-                        metadata=md("alice", "bob"), timeout=10)
+        out = stub.push(
+            ptp_pb2.PushInbound(topic="alice-bob", payload=b"hello bob"),
+            metadata=md("alice", "bob"),
+            timeout=10,
+        )
         assert out.code == codes.OK, out.message
     with grpc.insecure_channel(f"127.0.0.1:{bob.grpc_port}") as ch:
         stub = ptp_pb2_grpc.PrivateTransferTransportStub(ch)
-        out = stub.pop(ptp_pb2.PopInbound(topic="alice-bob", timeout=5), metadata=md("bob"),
-                       timeout=10)
+        out = stub.pop(
+            ptp_pb2.PopInbound(topic="alice-bob", timeout=5), metadata=md("bob"), timeout=10
+        )
         assert out.code == codes.OK and out.payload == b"hello bob"
 
 
@@ -97,8 +113,12 @@ def test_unknown_source_node_is_refused_on_invoke(brokers):
         stub = ptp_pb2_grpc.PrivateTransferProtocolStub(ch)
         out = stub.invoke(
             ptp_pb2.Inbound(payload=b"x"),
-            metadata=(("x-ptp-session-id", "g2"), ("x-ptp-topic", "t"),
-                      ("x-ptp-source-node-id", "mallory"), ("x-ptp-target-node-id", "bob")),
+            metadata=(
+                ("x-ptp-session-id", "g2"),
+                ("x-ptp-topic", "t"),
+                ("x-ptp-source-node-id", "mallory"),
+                ("x-ptp-target-node-id", "bob"),
+            ),
             timeout=10,
         )
     assert out.code == codes.UNAUTHORIZED
@@ -131,11 +151,16 @@ def test_sigterm_closes_every_listener_at_once_while_a_call_in_flight_drains(tmp
     b.write_config({})
     b.start()
     outbox: queue.Queue = queue.Queue()
-    meta = {"x-ptp-session-id": "sd", "x-ptp-topic": "t", "x-ptp-source-node-id": "alice",
-            "x-ptp-target-node-id": "alice"}
+    meta = {
+        "x-ptp-session-id": "sd",
+        "x-ptp-topic": "t",
+        "x-ptp-source-node-id": "alice",
+        "x-ptp-target-node-id": "alice",
+    }
     with grpc.insecure_channel(f"127.0.0.1:{b.grpc_port}") as ch:
         replies = ptp_pb2_grpc.PrivateTransferProtocolStub(ch).transport(
-            iter(outbox.get, None), timeout=30)
+            iter(outbox.get, None), timeout=30
+        )
         outbox.put(ptp_pb2.Inbound(metadata=meta, payload=b"x"))
         next(replies)  # answered: the stream is open at the broker and stays open
         t = time.monotonic()
@@ -155,8 +180,12 @@ def test_broken_config_stops_with_one_line_naming_the_key(tmp_path):
     conf.mkdir()
     (conf / "broker.properties").write_text("grpc.port=abc\nopen.http.server=true\n")
     (conf / "route_table.json").write_text('{"route_table": {}, "self_party": ["a"]}')
-    r = subprocess.run([str(BIN / "psi-broker"), "--conf-dir", str(conf)],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [str(BIN / "psi-broker"), "--conf-dir", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2
     assert "grpc.port" in r.stderr and "http.port" in r.stderr
     assert "Traceback" not in r.stderr
@@ -167,8 +196,12 @@ def test_route_table_that_does_not_parse_stops_start_with_position(tmp_path):
     conf.mkdir()
     (conf / "broker.properties").write_text("grpc.port=0\nopen.http.server=true\nhttp.port=0\n")
     (conf / "route_table.json").write_text('{"route_table": {,}, "self_party": ["a"]}')
-    r = subprocess.run([str(BIN / "psi-broker"), "--conf-dir", str(conf)],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [str(BIN / "psi-broker"), "--conf-dir", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2
     assert "line 1, column" in r.stderr and "Traceback" not in r.stderr
 
@@ -180,10 +213,15 @@ def test_port_in_use_is_a_clear_error(tmp_path):
         conf.mkdir()
         (conf / "broker.properties").write_text(
             f"grpc.port={pair[0].grpc_port}\nbind.host=127.0.0.1\nopen.http.server=true\n"
-            "http.port=0\n")
+            "http.port=0\n"
+        )
         (conf / "route_table.json").write_text('{"route_table": {}, "self_party": ["a"]}')
-        r = subprocess.run([str(BIN / "psi-broker"), "--conf-dir", str(conf), "--log-dir",
-                            str(tmp_path / "l")], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [str(BIN / "psi-broker"), "--conf-dir", str(conf), "--log-dir", str(tmp_path / "l")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode == 2
         assert "grpc.port" in r.stderr and "in use" in r.stderr
         assert "Traceback" not in r.stderr
@@ -203,8 +241,18 @@ def test_client_generated_from_the_proto_file_pushes_and_pops(tmp_path, brokers)
     proto_dir = Path(__file__).resolve().parent.parent / "broker" / "proto"
     out = tmp_path / "gen"
     out.mkdir()
-    assert protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={out}",
-                        f"--grpc_python_out={out}", str(proto_dir / "ptp.proto")]) == 0
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"-I{proto_dir}",
+                f"--python_out={out}",
+                f"--grpc_python_out={out}",
+                str(proto_dir / "ptp.proto"),
+            ]
+        )
+        == 0
+    )
     sys.path.insert(0, str(out))
     try:
         for name in ("ptp_pb2", "ptp_pb2_grpc"):
@@ -217,11 +265,18 @@ def test_client_generated_from_the_proto_file_pushes_and_pops(tmp_path, brokers)
     with grpc.insecure_channel(f"127.0.0.1:{alice.grpc_port}") as ch:
         out_msg = pb_grpc.PrivateTransferTransportStub(ch).push(
             pb.PushInbound(topic="gen-topic", payload=b"generated"),
-            metadata=(("x-ptp-session-id", "gen1"), ("x-ptp-source-node-id", "alice"),
-                      ("x-ptp-target-node-id", "bob")), timeout=10)
+            metadata=(
+                ("x-ptp-session-id", "gen1"),
+                ("x-ptp-source-node-id", "alice"),
+                ("x-ptp-target-node-id", "bob"),
+            ),
+            timeout=10,
+        )
         assert out_msg.code == codes.OK, out_msg.message
     with grpc.insecure_channel(f"127.0.0.1:{bob.grpc_port}") as ch:
         got = pb_grpc.PrivateTransferTransportStub(ch).pop(
             pb.PopInbound(topic="gen-topic", timeout=5),
-            metadata=(("x-ptp-session-id", "gen1"), ("x-ptp-source-node-id", "bob")), timeout=10)
+            metadata=(("x-ptp-session-id", "gen1"), ("x-ptp-source-node-id", "bob")),
+            timeout=10,
+        )
     assert got.code == codes.OK and got.payload == b"generated"

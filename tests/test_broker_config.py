@@ -75,15 +75,20 @@ def test_properties_syntax() -> None:
 
 
 def test_values_applied(tmp_path: Path) -> None:
-    cfg = load_config(conf(tmp_path, (
-        "grpc.port = 19370\n"
-        "bind.host: 127.0.0.1\n"
-        "open.http.server = TRUE\n"
-        "http.port = 0\n"
-        "http.context.path = api/\n"
-        "queue.check.interval=5000\n"
-        "forward.retry.timeout=0\n"
-    )))
+    cfg = load_config(
+        conf(
+            tmp_path,
+            (
+                "grpc.port = 19370\n"
+                "bind.host: 127.0.0.1\n"
+                "open.http.server = TRUE\n"
+                "http.port = 0\n"
+                "http.context.path = api/\n"
+                "queue.check.interval=5000\n"
+                "forward.retry.timeout=0\n"
+            ),
+        )
+    )
     assert cfg.grpc_port == 19370
     assert cfg.bind_host == "127.0.0.1"
     assert cfg.open_http_server is True
@@ -98,17 +103,24 @@ def test_empty_context_path_means_root(tmp_path: Path) -> None:
 
 
 def test_bad_values_all_reported_with_key(tmp_path: Path) -> None:
-    problems = problems_of(tmp_path, (
-        "grpc.port=abc\n"
-        "open.http.server=maybe\n"
-        "http.port=70000\n"
-        "queue.check.interval=0\n"
-        "forward.retry.timeout=-1\n"
-        "bind.host=\n"
-    ))
+    problems = problems_of(
+        tmp_path,
+        (
+            "grpc.port=abc\n"
+            "open.http.server=maybe\n"
+            "http.port=70000\n"
+            "queue.check.interval=0\n"
+            "forward.retry.timeout=-1\n"
+            "bind.host=\n"
+        ),
+    )
     assert [p.split(":", 1)[0] for p in problems] == [
-        "grpc.port", "open.http.server", "http.port", "queue.check.interval",
-        "forward.retry.timeout", "bind.host",
+        "grpc.port",
+        "open.http.server",
+        "http.port",
+        "queue.check.interval",
+        "forward.retry.timeout",
+        "bind.host",
     ]
     assert "'abc'" in problems[0]
     assert problems[1] == "open.http.server: expected true or false, got 'maybe'"
@@ -126,10 +138,16 @@ def test_http_server_needs_port(tmp_path: Path) -> None:
 
 def test_https_and_grpc_tls_need_port_and_files(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, "open.https.server=true\nopen.grpc.tls.server=true\n")
-    assert sorted(p.split(":", 1)[0] for p in problems) == sorted([
-        "https.port", "https.server.cert.chain.file", "https.server.private.key.file",
-        "grpc.tls.port", "grpc.server.cert.chain.file", "grpc.server.private.key.file",
-    ])
+    assert sorted(p.split(":", 1)[0] for p in problems) == sorted(
+        [
+            "https.port",
+            "https.server.cert.chain.file",
+            "https.server.private.key.file",
+            "grpc.tls.port",
+            "grpc.server.cert.chain.file",
+            "grpc.server.private.key.file",
+        ]
+    )
 
 
 def test_unknown_keys_collected(tmp_path: Path) -> None:
@@ -139,13 +157,19 @@ def test_unknown_keys_collected(tmp_path: Path) -> None:
 
 
 def test_osx_only_keys_ignored(tmp_path: Path) -> None:
-    cfg = load_config(conf(tmp_path, (
-        "eggroll.cluster.manager.ip = localhost\n"
-        "eggroll.cluster.manager.port = 4670\n"
-        "grpc.server.keystore.file = x.jks\n"
-    )))
+    cfg = load_config(
+        conf(
+            tmp_path,
+            (
+                "eggroll.cluster.manager.ip = localhost\n"
+                "eggroll.cluster.manager.port = 4670\n"
+                "grpc.server.keystore.file = x.jks\n"
+            ),
+        )
+    )
     assert cfg.ignored_keys == (
-        "eggroll.cluster.manager.ip", "eggroll.cluster.manager.port",
+        "eggroll.cluster.manager.ip",
+        "eggroll.cluster.manager.port",
         "grpc.server.keystore.file",
     )
     assert cfg.unknown_keys == ()
@@ -162,13 +186,16 @@ def test_missing_properties_file(tmp_path: Path) -> None:
 def test_tls_files_must_exist(tmp_path: Path) -> None:
     (tmp_path / "certs").mkdir()
     (tmp_path / "certs" / "server.crt").write_text("x")
-    problems = problems_of(tmp_path, (
-        "open.grpc.tls.server = true\n"
-        "grpc.tls.port = 9371\n"
-        "grpc.server.cert.chain.file = certs/server.crt\n"
-        "grpc.server.private.key.file = certs/server.key\n"
-        "https.server.ca.file = /nonexistent/ca.pem\n"
-    ))
+    problems = problems_of(
+        tmp_path,
+        (
+            "open.grpc.tls.server = true\n"
+            "grpc.tls.port = 9371\n"
+            "grpc.server.cert.chain.file = certs/server.crt\n"
+            "grpc.server.private.key.file = certs/server.key\n"
+            "https.server.ca.file = /nonexistent/ca.pem\n"
+        ),
+    )
     assert problems == [
         f"grpc.server.private.key.file: file not found: {tmp_path.resolve() / 'certs/server.key'}",
         "https.server.ca.file: file not found: /nonexistent/ca.pem",
@@ -179,11 +206,16 @@ def test_tls_files_resolved_against_conf_dir(tmp_path: Path, monkeypatch) -> Non
     for name in ("server.crt", "server.key", "ca.crt"):
         (tmp_path / name).write_text("x")
     monkeypatch.chdir("/")
-    cfg = load_config(conf(tmp_path, (
-        "open.grpc.tls.server = true\n"
-        "grpc.tls.port = 9371\n"
-        "grpc.server.cert.chain.file = server.crt\n"
-        "grpc.server.private.key.file = server.key\n"
-        "grpc.server.ca.file = ca.crt\n"
-    )))
+    cfg = load_config(
+        conf(
+            tmp_path,
+            (
+                "open.grpc.tls.server = true\n"
+                "grpc.tls.port = 9371\n"
+                "grpc.server.cert.chain.file = server.crt\n"
+                "grpc.server.private.key.file = server.key\n"
+                "grpc.server.ca.file = ca.crt\n"
+            ),
+        )
+    )
     assert cfg.resolve(cfg.grpc_server_ca_file) == tmp_path.resolve() / "ca.crt"

@@ -11,10 +11,6 @@ import urllib.request
 
 import grpc
 import pytest
-
-from broker import codes
-from broker.proto import ptp_pb2, ptp_pb2_grpc
-from broker.queues import Message, QueueKey, QueueStore
 from conftest import (
     _hdr,
     _http,
@@ -22,10 +18,14 @@ from conftest import (
     expected_rows,
     read_result,
     run_ok,
-    write_csv,
     wait_for,
+    write_csv,
     write_spec,
 )
+
+from broker import codes
+from broker.proto import ptp_pb2, ptp_pb2_grpc
+from broker.queues import Message, QueueKey, QueueStore
 from harness.localnet import LocalBroker, route_to, start_pair
 
 FLOW_LINE = re.compile(
@@ -37,7 +37,7 @@ FLOW_LINE = re.compile(
 def _psi_data(folder, rows=300, seed=4):
     rng = random.Random(seed)
     ids = [f"id{n:010d}" for n in rng.sample(range(10**10), rows + rows // 2 + rows // 3)]
-    shared, only_a, only_b = ids[:rows], ids[rows:rows + rows // 2], ids[rows + rows // 2:]
+    shared, only_a, only_b = ids[:rows], ids[rows : rows + rows // 2], ids[rows + rows // 2 :]
     write_csv(folder / "data/alice.csv", {"uid": shared + only_a})
     write_csv(folder / "data/bob.csv", {"uid": only_b + shared})
 
@@ -59,11 +59,16 @@ def test_route_edit_takes_effect_and_a_broken_edit_keeps_the_table(tmp_path, bro
     assert "line 2, column" in log and str(table) in log
     assert _http(alice, "push", _hdr("r1", "t", "alice", "bob"), b"2").code == codes.OK
     alice.write_routes({})  # a valid edit: bob is no longer routed
-    assert wait_for(lambda: _http(alice, "push", _hdr("r1", "t", "alice", "bob"), b"3").code
-                 == codes.ROUTE_NOT_FOUND)
+    assert wait_for(
+        lambda: (
+            _http(alice, "push", _hdr("r1", "t", "alice", "bob"), b"3").code
+            == codes.ROUTE_NOT_FOUND
+        )
+    )
     alice.write_routes({"bob": {"default": route_to(bob)}})
-    assert wait_for(lambda: _http(alice, "push", _hdr("r1", "t", "alice", "bob"), b"4").code
-                 == codes.OK)
+    assert wait_for(
+        lambda: _http(alice, "push", _hdr("r1", "t", "alice", "bob"), b"4").code == codes.OK
+    )
 
 
 def test_relay_through_a_hub_carries_a_real_psi(tmp_path):
@@ -77,8 +82,9 @@ def test_relay_through_a_hub_carries_a_real_psi(tmp_path):
         # alice and bob know only the hub (as the catch-all); the hub knows both.
         alice.write_routes({"default": {"default": route_to(hub)}})
         bob.write_routes({"default": {"default": route_to(hub, "http")}})
-        hub.write_routes({"alice": {"default": route_to(alice)},
-                          "bob": {"default": route_to(bob, "http")}})
+        hub.write_routes(
+            {"alice": {"default": route_to(alice)}, "bob": {"default": route_to(bob, "http")}}
+        )
         alice.wait_routes(["default"])
         bob.wait_routes(["default"])
         hub.wait_routes(["alice", "bob"])
@@ -100,12 +106,12 @@ def test_token_is_required_when_configured(tmp_path):
         # Routes without the token: the peer refuses, stores nothing, logs it.
         r = _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"x")
         assert r.code == codes.UNAUTHORIZED and "token" in r.message
-        assert _http(bob, "pop", _hdr("k1", "t", "bob"), query="?timeout=0").code == \
-            codes.NOT_FOUND
+        assert _http(bob, "pop", _hdr("k1", "t", "bob"), query="?timeout=0").code == codes.NOT_FOUND
         assert "|REFUSED|" in bob.flow_log()
         alice.write_routes({"bob": {"default": [{**route_to(bob)[0], "token": "s3cret"}]}})
-        assert wait_for(lambda: _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"y").code
-                     == codes.OK)
+        assert wait_for(
+            lambda: _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"y").code == codes.OK
+        )
         got = _http(bob, "pop", _hdr("k1", "t", "bob"), query="?timeout=2")
         assert got.code == codes.OK and got.payload == b"y"
     finally:
@@ -114,13 +120,13 @@ def test_token_is_required_when_configured(tmp_path):
 
 
 def test_idle_queues_expire(tmp_path):
-    alice, bob = start_pair(tmp_path / "b", properties={
-        "queue.max.free.time": "500", "queue.check.interval": "200"})
+    alice, bob = start_pair(
+        tmp_path / "b", properties={"queue.max.free.time": "500", "queue.check.interval": "200"}
+    )
     try:
         assert _http(alice, "push", _hdr("e1", "t", "alice", "bob"), b"old").code == codes.OK
         assert wait_for(lambda: "|QUEUE_EXPIRED|" in bob.flow_log(), 5)
-        assert _http(bob, "pop", _hdr("e1", "t", "bob"), query="?timeout=0").code == \
-            codes.NOT_FOUND
+        assert _http(bob, "pop", _hdr("e1", "t", "bob"), query="?timeout=0").code == codes.NOT_FOUND
     finally:
         alice.stop()
         bob.stop()
@@ -162,8 +168,10 @@ def test_backpressure_under_a_small_memory_cap_psi_still_completes(tmp_path):
     import threading
 
     cap = 1_500_000
-    alice, bob = start_pair(tmp_path / "b", properties={
-        "queue.max.session.bytes": str(cap), "queue.max.total.bytes": str(cap)})
+    alice, bob = start_pair(
+        tmp_path / "b",
+        properties={"queue.max.session.bytes": str(cap), "queue.max.total.bytes": str(cap)},
+    )
     try:
         # Another job's unread data fills most of bob's memory: the PSI's pushes to bob are
         # answered "queue full" until that job's queues are released, a few seconds in.
@@ -186,22 +194,36 @@ def test_backpressure_under_a_small_memory_cap_psi_still_completes(tmp_path):
 
 
 def test_grpc_transport_stream_delivers_each_message(brokers):
-    alice, bob = brokers
-    meta = {"x-ptp-session-id": "st1", "x-ptp-topic": "bob-alice",
-            "x-ptp-source-node-id": "bob", "x-ptp-target-node-id": "alice"}
+    alice, _bob = brokers
+    meta = {
+        "x-ptp-session-id": "st1",
+        "x-ptp-topic": "bob-alice",
+        "x-ptp-source-node-id": "bob",
+        "x-ptp-target-node-id": "alice",
+    }
     with grpc.insecure_channel(f"127.0.0.1:{alice.grpc_port}") as ch:
         stub = ptp_pb2_grpc.PrivateTransferProtocolStub(ch)
-        replies = list(stub.transport(
-            iter([ptp_pb2.Inbound(metadata=meta, payload=b"one"),
-                  ptp_pb2.Inbound(metadata=meta, payload=b"two")]), timeout=10))
+        replies = list(
+            stub.transport(
+                iter(
+                    [
+                        ptp_pb2.Inbound(metadata=meta, payload=b"one"),
+                        ptp_pb2.Inbound(metadata=meta, payload=b"two"),
+                    ]
+                ),
+                timeout=10,
+            )
+        )
     assert [r.code for r in replies] == [codes.OK, codes.OK]
-    got = [_http(alice, "pop", _hdr("st1", "bob-alice", "alice"), query="?timeout=2").payload
-           for _ in range(2)]
+    got = [
+        _http(alice, "pop", _hdr("st1", "bob-alice", "alice"), query="?timeout=2").payload
+        for _ in range(2)
+    ]
     assert got == [b"one", b"two"]
 
 
 def test_flow_log_lines_parse_and_metrics_count_traffic(tmp_path, brokers):
-    alice, bob = brokers
+    alice, _bob = brokers
     _psi_data(tmp_path)
     run_ok(write_spec(tmp_path, brokers), ["alice", "bob"])
     for b in brokers:
@@ -221,7 +243,7 @@ def test_flow_log_lines_parse_and_metrics_count_traffic(tmp_path, brokers):
 def test_sigterm_answers_waiting_pops_and_exits_promptly(brokers):
     import threading
 
-    alice, bob = brokers
+    _alice, bob = brokers
     result = {}
 
     def pop():
@@ -238,11 +260,13 @@ def test_sigterm_answers_waiting_pops_and_exits_promptly(brokers):
     assert result["r"].code == codes.NOT_FOUND
 
 
-@pytest.mark.parametrize("bad", ['{"route_table": {"x": {"default": [{"ip": "h"}]}}, '
-                                 '"self_party": ["a"]}'])
+@pytest.mark.parametrize(
+    "bad", ['{"route_table": {"x": {"default": [{"ip": "h"}]}}, "self_party": ["a"]}']
+)
 def test_invalid_route_edit_is_logged_with_the_problem(tmp_path, brokers, bad):
     alice, _ = brokers
     (alice.conf_dir / "route_table.json").write_text(bad)
-    assert wait_for(lambda: "route_table.x.default[0].port" in
-                 (alice.conf_dir / "logs/broker.log").read_text())
+    assert wait_for(
+        lambda: "route_table.x.default[0].port" in (alice.conf_dir / "logs/broker.log").read_text()
+    )
     assert json.loads(json.dumps(alice.health()))["routes"] == ["bob"]  # previous table in use

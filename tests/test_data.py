@@ -16,8 +16,27 @@ PLAIN = re.compile(r"^[ !#-+\x2d-}]+$")  # printable ASCII without '"', ',' and 
 ENCODED = re.compile(r"^~[0-9a-f]*$")
 
 VALUES = [
-    "", "~", "~7e", "7e", "a,b", 'q"x', "张三", " x ", "a-b", "-", "emoji 🙂", "multi\nline",
-    "plain", "7E", "a", "b", "c", "b-c", "~~", "tab\there", "x" * 300,
+    "",
+    "~",
+    "~7e",
+    "7e",
+    "a,b",
+    'q"x',
+    "张三",
+    " x ",
+    "a-b",
+    "-",
+    "emoji 🙂",
+    "multi\nline",
+    "plain",
+    "7E",
+    "a",
+    "b",
+    "c",
+    "b-c",
+    "~~",
+    "tab\there",
+    "x" * 300,
 ]
 
 
@@ -30,12 +49,12 @@ def canon(columns: dict[str, list[str]], chunks: int = 1) -> list[str]:
 
 def test_reference_regex_is_the_module_alphabet() -> None:
     allowed = {chr(c) for c in range(32, 127)} - {'"', ",", "~"}
-    assert {chr(c) for c in range(0, 0x3000) if PLAIN.match(chr(c))} == allowed
+    assert {chr(c) for c in range(0x3000) if PLAIN.match(chr(c))} == allowed
 
 
 def test_module_alphabet_per_character() -> None:
     # Every printable ASCII character except '"', ',' and '~' is kept; all else is encoded.
-    chars = [chr(c) for c in range(0, 128)] + ["é", "\u00a0", "张"]
+    chars = [chr(c) for c in range(128)] + ["é", "\u00a0", "张"]
     keys = canon({"uid": chars})
     kept = {c for c, k in zip(chars, keys) if k == c}
     assert kept == {chr(c) for c in range(32, 127)} - {'"', ",", "~"}
@@ -71,7 +90,7 @@ def test_single_column_injective(chunks: int) -> None:
 
 @pytest.mark.parametrize("chunks", [1, 2])
 def test_two_columns_injective_and_in_alphabet(chunks: int) -> None:
-    pairs = list(itertools.product(VALUES[:14], repeat=2)) + [("a-b", "c"), ("a", "b-c")]
+    pairs = [*list(itertools.product(VALUES[:14], repeat=2)), ("a-b", "c"), ("a", "b-c")]
     keys = canon({"k1": [a for a, _ in pairs], "k2": [b for _, b in pairs]}, chunks=chunks)
     seen: dict[str, tuple[str, str]] = {}
     for pair, key in zip(pairs, keys):
@@ -87,8 +106,8 @@ def test_two_columns_injective_and_in_alphabet(chunks: int) -> None:
 
 
 def test_two_columns_same_tuple_same_key_across_tables() -> None:
-    first = canon({"a": ["x", "张三", ""], "b": ["1", "q\"x", ""]})
-    second = canon({"a": ["", "x", "张三"], "b": ["", "1", "q\"x"]})
+    first = canon({"a": ["x", "张三", ""], "b": ["1", 'q"x', ""]})
+    second = canon({"a": ["", "x", "张三"], "b": ["", "1", 'q"x']})
     assert first == [second[1], second[2], second[0]]
     assert first[2] == "-"
 
@@ -144,11 +163,14 @@ def test_second_key_column_missing(tmp_path: Path) -> None:
     assert "key column 'region' not found" in msg
 
 
-@pytest.mark.parametrize("content, line", [
-    ("uid\na\n\nb\n", 3),
-    ("uid\na\nb\n\nc\n", 4),
-    ("uid\r\na\r\n\r\nb\r\n", 3),
-])
+@pytest.mark.parametrize(
+    "content, line",
+    [
+        ("uid\na\n\nb\n", 3),
+        ("uid\na\nb\n\nc\n", 4),
+        ("uid\r\na\r\n\r\nb\r\n", 3),
+    ],
+)
 def test_blank_line(tmp_path: Path, content: str, line: int) -> None:
     msg = error_of(write(tmp_path, content))
     assert f"line {line} is blank" in msg
@@ -198,15 +220,18 @@ def test_plain_simple_file(tmp_path: Path) -> None:
     assert inp.table.schema.field("age").type == pa.string()  # numbers stay text
 
 
-@pytest.mark.parametrize("content", [
-    'uid,note\na,"say ""hi"""\nb,x\n',  # a quote in a non-key value
-    'uid\n"a""b"\nc\n',  # a quote in a key
-    "uid\n张三\nb\n",  # non-ASCII key
-    "uid\r\na\r\nb\r\n",  # CRLF line endings
-    "uid\n~a\nb\n",  # '~' is the encoding marker
-    "uid,v\n,1\nb,2\n",  # an empty key is encoded
-    "\ufeffuid\na\nb\n",  # BOM
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        'uid,note\na,"say ""hi"""\nb,x\n',  # a quote in a non-key value
+        'uid\n"a""b"\nc\n',  # a quote in a key
+        "uid\n张三\nb\n",  # non-ASCII key
+        "uid\r\na\r\nb\r\n",  # CRLF line endings
+        "uid\n~a\nb\n",  # '~' is the encoding marker
+        "uid,v\n,1\nb,2\n",  # an empty key is encoded
+        "\ufeffuid\na\nb\n",  # BOM
+    ],
+)
 def test_not_plain(tmp_path: Path, content: str) -> None:
     inp = inspect_input(write(tmp_path, content), ("uid",))
     assert inp.plain is False
@@ -219,7 +244,8 @@ def test_two_key_columns_never_plain(tmp_path: Path) -> None:
 
 
 def test_crlf_and_quoted_values_read_correctly(tmp_path: Path) -> None:
-    inp = inspect_input(write(tmp_path, 'uid,v\r\n"a,b",1\r\n"q""x",2\r\n"multi\nline",3\r\n'),
-                        ("uid",))
+    inp = inspect_input(
+        write(tmp_path, 'uid,v\r\n"a,b",1\r\n"q""x",2\r\n"multi\nline",3\r\n'), ("uid",)
+    )
     assert inp.table.column("uid").to_pylist() == ["a,b", 'q"x', "multi\nline"]
     assert inp.table.column("v").to_pylist() == ["1", "2", "3"]

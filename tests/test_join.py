@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import TRICKY, make_ids, read_result, run_ok, write_csv, write_spec
 
 NULL = "NULL"
@@ -28,19 +27,17 @@ def join_data(folder: Path, rng: random.Random, tricky: bool) -> None:
     write_csv(folder / "data/bob.csv", {"y": [f"b{i}" for i in range(len(b))], "uid": b}, term)
 
 
-def expected_join(mine: pd.DataFrame, theirs: pd.DataFrame, key: str, join: str,
-                  i_am_left: bool) -> tuple[pd.DataFrame, int]:
+def expected_join(
+    mine: pd.DataFrame, theirs: pd.DataFrame, key: str, join: str, i_am_left: bool
+) -> tuple[pd.DataFrame, int]:
     """(own rows expected in the output, number of all-NULL rows) — computed with pandas."""
     inter = mine[key].isin(theirs[key])
     their_only = int((~theirs[key].isin(mine[key])).sum())
-    keep_all_mine = {"left": i_am_left, "right": not i_am_left, "full": True,
-                     "difference": False}[join]
-    pad_theirs = {"left": not i_am_left, "right": i_am_left, "full": True,
-                  "difference": True}[join]
-    if join == "difference":
-        rows = mine[~inter]
-    else:
-        rows = mine if keep_all_mine else mine[inter]
+    keep_all_mine = {"left": i_am_left, "right": not i_am_left, "full": True, "difference": False}[
+        join
+    ]
+    pad_theirs = {"left": not i_am_left, "right": i_am_left, "full": True, "difference": True}[join]
+    rows = mine[~inter] if join == "difference" else (mine if keep_all_mine else mine[inter])
     return rows, (their_only if pad_theirs else 0)
 
 
@@ -50,8 +47,10 @@ def _sorted(df: pd.DataFrame) -> pd.DataFrame:
 
 def check_join(folder: Path, join: str, left: str) -> None:
     outs = {p: read_result(folder / f"out/{p}_psi.csv") for p in ("alice", "bob")}
-    ins = {p: pd.read_csv(folder / f"data/{p}.csv", dtype=str, keep_default_na=False)
-           for p in ("alice", "bob")}
+    ins = {
+        p: pd.read_csv(folder / f"data/{p}.csv", dtype=str, keep_default_na=False)
+        for p in ("alice", "bob")
+    }
     nulls = {}
     for me, other in (("alice", "bob"), ("bob", "alice")):
         got = outs[me]
@@ -69,12 +68,15 @@ def check_join(folder: Path, join: str, left: str) -> None:
     assert not (nulls["alice"] & nulls["bob"]).any()
 
 
-@pytest.mark.parametrize("join,left_side,tricky", [
-    ("left", None, True),            # left side defaults to the receiver (alice)
-    ("right", None, False),
-    ("full", "bob", True),
-    ("difference", None, False),
-])
+@pytest.mark.parametrize(
+    "join,left_side,tricky",
+    [
+        ("left", None, True),  # left side defaults to the receiver (alice)
+        ("right", None, False),
+        ("full", "bob", True),
+        ("difference", None, False),
+    ],
+)
 def test_join_types_match_pandas(tmp_path, brokers, join, left_side, tricky):
     join_data(tmp_path, random.Random(join), tricky)
     extra = {"left_side": left_side} if left_side else {}
@@ -106,8 +108,10 @@ def test_join_without_broadcast_only_the_receiver_gets_rows(tmp_path, brokers, j
     reports = {r["party"]: r for r in run_ok(spec, ["alice", "bob"])}
     assert reports["alice"]["output"] is None and not (tmp_path / "out/alice_psi.csv").exists()
     got = read_result(tmp_path / "out/bob_psi.csv")
-    ins = {p: pd.read_csv(tmp_path / f"data/{p}.csv", dtype=str, keep_default_na=False)
-           for p in ("alice", "bob")}
+    ins = {
+        p: pd.read_csv(tmp_path / f"data/{p}.csv", dtype=str, keep_default_na=False)
+        for p in ("alice", "bob")
+    }
     want, _ = expected_join(ins["bob"], ins["alice"], "uid", join, i_am_left=True)
     assert not (got == NULL).all(axis=1).any()
     pd.testing.assert_frame_equal(_sorted(got), _sorted(want))

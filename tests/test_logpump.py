@@ -16,15 +16,18 @@ def _pump(tmp_path: Path, **kw) -> tuple[LogPump, Path]:
 
 def test_a_storm_of_repeated_lines_is_counted_not_written(tmp_path):
     pump, path = _pump(tmp_path, repeats_kept=3)
-    storm = b"".join(b"[2026-11-22 03:42:06.%03d] [error] Rpc failed, server_id=%d\n" % (i, i)
-                     for i in range(1000))
+    storm = b"".join(
+        b"[2026-11-22 03:42:06.%03d] [error] Rpc failed, server_id=%d\n" % (i, i)
+        for i in range(1000)
+    )
     pump.feed(b"first line\n" + storm[:5000])
     pump.feed(storm[5000:] + b"after the storm\n")
     pump.close()
     lines = path.read_bytes().decode().splitlines()
     assert lines[0] == "first line"
-    assert lines[1:4] == [f"[2026-11-22 03:42:06.{i:03d}] [error] Rpc failed, server_id={i}"
-                          for i in range(3)]
+    assert lines[1:4] == [
+        f"[2026-11-22 03:42:06.{i:03d}] [error] Rpc failed, server_id={i}" for i in range(3)
+    ]
     assert lines[4] == "[psi-run] the line above repeated 997 more times (not written)"
     assert lines[5:] == ["after the storm"]
 
@@ -44,5 +47,7 @@ def test_the_file_stops_growing_at_the_cap(tmp_path):
     pump.close()
     data = path.read_bytes()
     assert len(data) <= 1000 + 100
-    assert data.decode().splitlines()[-1] == \
-        "[psi-run] log file reached 1000 bytes; nothing more is written to it"
+    assert (
+        data.decode().splitlines()[-1]
+        == "[psi-run] log file reached 1000 bytes; nothing more is written to it"
+    )

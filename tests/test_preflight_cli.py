@@ -16,8 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import write_csv, write_spec
+
 from harness.localnet import BIN, run_parties, start_pair
 
 LOG_LINE = "psi-run: log file "
@@ -32,8 +32,9 @@ def pair(tmp_path_factory):
         b.stop()
 
 
-def _job(folder: Path, brokers, job_id: str, alice: bytes | None = b"uid\nu1\nu2\n",
-         **overrides) -> Path:
+def _job(
+    folder: Path, brokers, job_id: str, alice: bytes | None = b"uid\nu1\nu2\n", **overrides
+) -> Path:
     """A spec whose alice input holds ``alice`` (None: no file); bob's input is valid.
 
     ``timeout_s`` is short so that a regression that lets a bad job through to the handshake
@@ -47,9 +48,18 @@ def _job(folder: Path, brokers, job_id: str, alice: bytes | None = b"uid\nu1\nu2
 
 def _run(spec: Path, party: str = "alice", *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "psi-run"), str(spec), "--party", party,
-         "--log-dir", str(spec.parent / "logs"), *extra],
-        capture_output=True, text=True, timeout=60,
+        [
+            str(BIN / "psi-run"),
+            str(spec),
+            "--party",
+            party,
+            "--log-dir",
+            str(spec.parent / "logs"),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -58,8 +68,11 @@ def _refusal_line(r: subprocess.CompletedProcess, code: int, *needles: str) -> s
     assert r.returncode == code, f"exit {r.returncode}, stderr: {r.stderr}"
     assert "Traceback" not in r.stderr, r.stderr
     assert r.stdout == "", f"a refused job printed a report: {r.stdout}"
-    lines = [ln for ln in r.stderr.splitlines()
-             if not ln.startswith(LOG_LINE) and not ln.startswith("psi-run: warning:")]
+    lines = [
+        ln
+        for ln in r.stderr.splitlines()
+        if not ln.startswith(LOG_LINE) and not ln.startswith("psi-run: warning:")
+    ]
     assert len(lines) == 1, f"expected one failure line, got: {r.stderr}"
     line = lines[0]
     assert line.startswith("psi-run: ")
@@ -89,6 +102,7 @@ def _closed_port() -> int:
 
 
 # --------------------------------------------------------------------------- input (exit 3)
+
 
 def test_input_missing(tmp_path, pair):
     spec = _job(tmp_path, pair, "in-missing", alice=None)
@@ -145,13 +159,20 @@ def test_duplicate_keys_are_counted_with_an_example(tmp_path, pair):
     # u1 three times and u2 twice: 3 surplus rows in 2 keys.
     spec = _job(tmp_path, pair, "in-dups", alice=b"uid\nu1\nu2\nu1\nu3\nu2\nu1\n")
     r = _run(spec)
-    _refusal_line(r, 3, str(tmp_path / "data/alice.csv"), "3 duplicate key row(s) in 2 key(s)",
-                  "e.g. uid='u1'", "allow_duplicate_keys: true")
+    _refusal_line(
+        r,
+        3,
+        str(tmp_path / "data/alice.csv"),
+        "3 duplicate key row(s) in 2 key(s)",
+        "e.g. uid='u1'",
+        "allow_duplicate_keys: true",
+    )
     _no_output(tmp_path)
     _nothing_sent(pair, "in-dups")
 
 
 # --------------------------------------------------------------------- output, party (exit 3)
+
 
 def test_output_folder_under_a_file_cannot_be_created(tmp_path, pair):
     spec = _job(tmp_path, pair, "out-file")
@@ -160,8 +181,13 @@ def test_output_folder_under_a_file_cannot_be_created(tmp_path, pair):
     doc["parties"]["alice"]["output"] = "afile/res.csv"
     spec.write_text(yaml.safe_dump(doc, sort_keys=False))
     r = _run(spec)
-    _refusal_line(r, 3, f"output {tmp_path / 'afile/res.csv'}", "cannot create folder",
-                  f"{tmp_path / 'afile'} is a file, not a folder")
+    _refusal_line(
+        r,
+        3,
+        f"output {tmp_path / 'afile/res.csv'}",
+        "cannot create folder",
+        f"{tmp_path / 'afile'} is a file, not a folder",
+    )
     assert (tmp_path / "afile").read_text() == "I am a file\n"  # left alone
     _nothing_sent(pair, "out-file")
 
@@ -176,6 +202,7 @@ def test_party_not_in_spec_lists_the_parties(tmp_path, pair):
 
 # ------------------------------------------------------------------------- broker (exit 3)
 
+
 def test_local_broker_unreachable_says_how_to_start_it(tmp_path, pair):
     port = _closed_port()
     spec = _job(tmp_path, pair, "brk-down")
@@ -183,47 +210,77 @@ def test_local_broker_unreachable_says_how_to_start_it(tmp_path, pair):
     doc["parties"]["alice"]["broker"] = f"127.0.0.1:{port}"
     spec.write_text(yaml.safe_dump(doc, sort_keys=False))
     r = _run(spec)
-    _refusal_line(r, 3, f"broker 127.0.0.1:{port} of party alice does not answer",
-                  "psi-broker --conf-dir", "parties.alice.broker")
+    _refusal_line(
+        r,
+        3,
+        f"broker 127.0.0.1:{port} of party alice does not answer",
+        "psi-broker --conf-dir",
+        "parties.alice.broker",
+    )
     assert not (tmp_path / "out/alice_psi.csv").exists()
     assert list((tmp_path / "out").iterdir()) == []  # the folder may exist (preflight made it)
 
 
 def test_broker_of_another_party_is_refused_naming_both(tmp_path, pair):
-    alice_broker, bob_broker = pair
+    _alice_broker, bob_broker = pair
     spec = _job(tmp_path, pair, "brk-other")
     doc = yaml.safe_load(spec.read_text())
     doc["parties"]["alice"]["broker"] = bob_broker.http
     spec.write_text(yaml.safe_dump(doc, sort_keys=False))
     r = _run(spec)
-    _refusal_line(r, 3, f"broker {bob_broker.http} serves bob, not alice",
-                  "parties.alice.broker", "self_party")
+    _refusal_line(
+        r,
+        3,
+        f"broker {bob_broker.http} serves bob, not alice",
+        "parties.alice.broker",
+        "self_party",
+    )
     _no_output(tmp_path)
     _nothing_sent(pair, "brk-other")
 
 
 # --------------------------------------------------------------------------- spec (exit 2)
 
+
 def test_unknown_keys_are_named_by_their_path(tmp_path, pair):
-    spec = _job(tmp_path, pair, "spec-unknown", colour="red",
-                link={"recv_timeout": 10})
+    spec = _job(tmp_path, pair, "spec-unknown", colour="red", link={"recv_timeout": 10})
     doc = yaml.safe_load(spec.read_text())
     doc["parties"]["alice"]["inptu"] = "data/alice.csv"
     spec.write_text(yaml.safe_dump(doc, sort_keys=False))
     r = _run(spec)
-    _refusal_line(r, 2, str(spec), "3 problems", "colour: unknown key",
-                  "parties.alice.inptu: unknown key", "link.recv_timeout: unknown link setting")
+    _refusal_line(
+        r,
+        2,
+        str(spec),
+        "3 problems",
+        "colour: unknown key",
+        "parties.alice.inptu: unknown key",
+        "link.recv_timeout: unknown link setting",
+    )
     _no_output(tmp_path)
     _nothing_sent(pair, "spec-unknown")
 
 
 def test_wrong_value_types_are_all_listed_in_one_message(tmp_path, pair):
-    spec = _job(tmp_path, pair, "spec-types", keys="uid", broadcast_result="yes",
-                link={"recv_timeout_ms": "10"})
+    spec = _job(
+        tmp_path,
+        pair,
+        "spec-types",
+        keys="uid",
+        broadcast_result="yes",
+        link={"recv_timeout_ms": "10"},
+    )
     r = _run(spec)
-    _refusal_line(r, 2, str(spec), "3 problems", "keys:", "a list of key column names",
-                  "broadcast_result: must be true or false, got 'yes'",
-                  "link.recv_timeout_ms: must be a whole number, got '10'")
+    _refusal_line(
+        r,
+        2,
+        str(spec),
+        "3 problems",
+        "keys:",
+        "a list of key column names",
+        "broadcast_result: must be true or false, got 'yes'",
+        "link.recv_timeout_ms: must be a whole number, got '10'",
+    )
     _no_output(tmp_path)
 
 
@@ -243,6 +300,7 @@ def test_spec_file_missing(tmp_path):
 
 
 # ------------------------------------------------------------------- two parties, for real
+
 
 def test_short_retry_window_warns_but_check_succeeds(tmp_path, brokers):
     write_csv(tmp_path / "data/alice.csv", {"uid": ["u1", "u2"]})
@@ -267,17 +325,30 @@ def _dup_data(kind: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
         k = {"both": "k-both", "both2": "k-both2", "a": "k-a", "b": "k-b", "one": "k-one"}
     else:  # non-plain keys: the canonical (row number) path
         k = {"both": "张三", "both2": 'q"uote,comma', "a": "k-a", "b": "k-b", "one": "k-one"}
-    alice = [k["both"]] * 3 + [k["both2"]] * 2 + [k["a"]] * 2 + [k["b"]] + [k["one"]] \
+    alice = (
+        [k["both"]] * 3
+        + [k["both2"]] * 2
+        + [k["a"]] * 2
+        + [k["b"]]
+        + [k["one"]]
         + ["a-only-1", "a-only-1", "a-only-2"]
-    bob = [k["both"]] * 2 + [k["both2"]] * 2 + [k["a"]] + [k["b"]] * 3 + [k["one"]] \
+    )
+    bob = (
+        [k["both"]] * 2
+        + [k["both2"]] * 2
+        + [k["a"]]
+        + [k["b"]] * 3
+        + [k["one"]]
         + ["b-only-1", "b-only-1"]
-    return ({"uid": alice, "a_row": [f"a{i}" for i in range(len(alice))]},
-            {"uid": bob, "b_row": [f"b{i}" for i in range(len(bob))]})
+    )
+    return (
+        {"uid": alice, "a_row": [f"a{i}" for i in range(len(alice))]},
+        {"uid": bob, "b_row": [f"b{i}" for i in range(len(bob))]},
+    )
 
 
 @pytest.mark.parametrize("kind", ["plain", "encoded"])
-def test_allow_duplicate_keys_gives_each_party_its_side_of_the_inner_join(tmp_path, brokers,
-                                                                          kind):
+def test_allow_duplicate_keys_gives_each_party_its_side_of_the_inner_join(tmp_path, brokers, kind):
     alice_cols, bob_cols = _dup_data(kind)
     write_csv(tmp_path / "data/alice.csv", alice_cols)
     write_csv(tmp_path / "data/bob.csv", bob_cols)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import (
     ECDH_LINK,
     TRICKY,
@@ -20,23 +19,31 @@ from conftest import (
     write_csv,
     write_spec,
 )
+
 from harness.localnet import start_pair
 
 
-def _single_key_data(folder: Path, rng: random.Random, tricky: bool,
-                     lineterminator: str = "\r\n") -> None:
+def _single_key_data(
+    folder: Path, rng: random.Random, tricky: bool, lineterminator: str = "\r\n"
+) -> None:
     shared = make_ids(300, "s", rng) + (TRICKY if tricky else [])
     a = shared + make_ids(400, "a", rng)
     b = shared + make_ids(250, "b", rng)
     if tricky:
         a.append("only-alice 张")
-        b.append("only-bob,\"x\"")
+        b.append('only-bob,"x"')
     rng.shuffle(a)
     rng.shuffle(b)
-    write_csv(folder / "data/alice.csv", {"uid": a, "age": [str(i % 90) for i in range(len(a))]},
-              lineterminator)
-    write_csv(folder / "data/bob.csv", {"score": [f"{i / 7:.3f}" for i in range(len(b))],
-                                         "uid": b}, lineterminator)
+    write_csv(
+        folder / "data/alice.csv",
+        {"uid": a, "age": [str(i % 90) for i in range(len(a))]},
+        lineterminator,
+    )
+    write_csv(
+        folder / "data/bob.csv",
+        {"score": [f"{i / 7:.3f}" for i in range(len(b))], "uid": b},
+        lineterminator,
+    )
 
 
 def _two_key_data(folder: Path, rng: random.Random) -> None:
@@ -47,10 +54,11 @@ def _two_key_data(folder: Path, rng: random.Random) -> None:
     b = shared + [(f"m{i}", "cn") for i in range(120)] + [("n2", "other")]
     rng.shuffle(a)
     rng.shuffle(b)
-    write_csv(folder / "data/alice.csv",
-              {"id": [x for x, _ in a], "region": [y for _, y in a], "v": ["1"] * len(a)})
-    write_csv(folder / "data/bob.csv",
-              {"region": [y for _, y in b], "id": [x for x, _ in b]})
+    write_csv(
+        folder / "data/alice.csv",
+        {"id": [x for x, _ in a], "region": [y for _, y in a], "v": ["1"] * len(a)},
+    )
+    write_csv(folder / "data/bob.csv", {"region": [y for _, y in b], "id": [x for x, _ in b]})
 
 
 def _stall_guard(protocol: str) -> dict:
@@ -88,8 +96,9 @@ def test_single_key_intersection_matches_pandas(tmp_path, brokers, protocol):
 @pytest.mark.parametrize("protocol", ["ECDH", "KKRT", "RR22"])
 def test_two_column_key_with_quotes_and_commas_matches_pandas(tmp_path, brokers, protocol):
     _two_key_data(tmp_path, random.Random(7))
-    spec = write_spec(tmp_path, brokers, protocol=protocol, keys=["id", "region"],
-                      **_stall_guard(protocol))
+    spec = write_spec(
+        tmp_path, brokers, protocol=protocol, keys=["id", "region"], **_stall_guard(protocol)
+    )
     run_ok(spec, ["alice", "bob"], stall_retries=2 if protocol == "ECDH" else 0)
     _check(tmp_path, ["id", "region"])
 
@@ -118,7 +127,8 @@ def test_numeric_party_names_as_osx_users_write_them(tmp_path):
         spec = tmp_path / "job.yaml"
         spec.write_text(
             "job_id: numeric-1\nprotocol: KKRT\nkeys: [uid]\nreceiver: 9999\nparties:\n"
-            f"  9999: {{broker: '{pair[0].http}', input: data/9999.csv, output: out/9999_psi.csv}}\n"
+            f"  9999: {{broker: '{pair[0].http}', input: data/9999.csv, "
+            "output: out/9999_psi.csv}\n"
             f"  10000: {{broker: '{pair[1].http}', input: data/10000.csv, "
             "output: out/10000_psi.csv}\n",
             encoding="utf-8",
@@ -168,8 +178,7 @@ def test_empty_intersection_gives_header_only_results(tmp_path, brokers, suffix)
 def test_legacy_psi_csv_api_matches_pandas(tmp_path, brokers, protocol):
     """api: psi_csv (SPU's bucket PSI, SecretFlow's SPU.psi_csv) in the embedded backend."""
     _single_key_data(tmp_path, random.Random(f"csv-{protocol}"), tricky=True)
-    spec = write_spec(tmp_path, brokers, protocol=protocol, api="psi_csv",
-                      **_stall_guard(protocol))
+    spec = write_spec(tmp_path, brokers, protocol=protocol, api="psi_csv", **_stall_guard(protocol))
     reports = run_ok(spec, ["alice", "bob"], stall_retries=2 if protocol == "ECDH" else 0)
     _check(tmp_path, ["uid"])
     assert all(r["api"] == "psi_csv" for r in reports)

@@ -70,8 +70,11 @@ def test_valid_spec_has_defaults(tmp_path: Path) -> None:
 
 def test_omitted_keys_take_the_jobspec_field_defaults(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, VALID))
-    defaults = {f.name: f.default for f in dataclasses.fields(JobSpec)
-                if f.default is not dataclasses.MISSING}
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(JobSpec)
+        if f.default is not dataclasses.MISSING
+    }
     assert {name: getattr(spec, name) for name in defaults} == defaults
     assert spec.link == LinkSettings()
     assert type(spec.timeout_s) is float
@@ -100,7 +103,10 @@ def test_absolute_paths_kept(tmp_path: Path) -> None:
 
 
 def test_numeric_party_names_become_strings(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, """\
+    spec = load_spec(
+        write(
+            tmp_path,
+            """\
         job_id: 42
         keys: [uid]
         receiver: 9999
@@ -113,7 +119,9 @@ def test_numeric_party_names_become_strings(tmp_path: Path) -> None:
             broker: 127.0.0.1:9381
             input: b.csv
             output: b_out.csv
-        """))
+        """,
+        )
+    )
     assert spec.party_names == ["9999", "10000"]
     assert all(isinstance(p, str) for p in spec.parties)
     assert spec.receiver == "9999"
@@ -124,7 +132,10 @@ def test_numeric_party_names_become_strings(tmp_path: Path) -> None:
 
 def test_zero_padded_party_names_keep_their_text(tmp_path: Path) -> None:
     # YAML 1.1 would read 0001 as octal 1 and 0x10 as 16, silently renaming the parties.
-    spec = load_spec(write(tmp_path, """\
+    spec = load_spec(
+        write(
+            tmp_path,
+            """\
         job_id: j
         keys: [uid]
         receiver: 0001
@@ -132,7 +143,9 @@ def test_zero_padded_party_names_keep_their_text(tmp_path: Path) -> None:
           0001: {broker: "h:1", input: a.csv, output: a_out.csv}
           0x10: {broker: "h:2", input: b.csv, output: b_out.csv}
         link: {recv_timeout_ms: 1_200_000}
-        """))
+        """,
+        )
+    )
     assert spec.party_names == ["0001", "0x10"]
     assert spec.receiver == "0001"
     assert spec.link.recv_timeout_ms == 1_200_000  # decimal with '_' is still a number
@@ -150,10 +163,16 @@ def test_list_as_key_is_a_spec_error(tmp_path: Path) -> None:
 
 
 def test_explicit_options(tmp_path: Path) -> None:
-    text = VALID.replace("job_id: demo-001", "job_id: demo-001\nprotocol: ecdh\n"
-                         "ecdh_curve: curve_sm2\nbroadcast_result: false")
-    spec = load_spec(write(tmp_path, text + "link:\n  connect_retry_times: 120\n"
-                                            "  brpc_channel_connection_type: short\n"))
+    text = VALID.replace(
+        "job_id: demo-001",
+        "job_id: demo-001\nprotocol: ecdh\necdh_curve: curve_sm2\nbroadcast_result: false",
+    )
+    spec = load_spec(
+        write(
+            tmp_path,
+            text + "link:\n  connect_retry_times: 120\n  brpc_channel_connection_type: short\n",
+        )
+    )
     assert spec.protocol == "ECDH"
     assert spec.ecdh_curve == "CURVE_SM2"
     assert spec.broadcast_result is False
@@ -193,8 +212,9 @@ def test_invalid_yaml_reports_line(tmp_path: Path) -> None:
 
 
 def test_duplicate_key_is_an_error(tmp_path: Path) -> None:
-    text = VALID.replace("    output: out/bob_psi.csv", "    output: out/bob_psi.csv\n"
-                                                          "    input: other.csv")
+    text = VALID.replace(
+        "    output: out/bob_psi.csv", "    output: out/bob_psi.csv\n    input: other.csv"
+    )
     problems = problems_of(tmp_path, text)
     assert len(problems) == 1
     assert "'input' appears twice" in problems[0]
@@ -220,8 +240,10 @@ def test_empty_file(tmp_path: Path) -> None:
 
 
 def test_unknown_keys_name_their_path(tmp_path: Path) -> None:
-    text = (VALID.replace("    input: data/alice.csv", "    input: data/alice.csv\n    inptu: x")
-            + "protocoll: RR22\nlink:\n  recv_timeout: 5\n")
+    text = (
+        VALID.replace("    input: data/alice.csv", "    input: data/alice.csv\n    inptu: x")
+        + "protocoll: RR22\nlink:\n  recv_timeout: 5\n"
+    )
     problems = problems_of(tmp_path, text)
     assert len(problems) == 3
     assert any(p.startswith("protocoll: unknown key") for p in problems)
@@ -232,7 +254,9 @@ def test_unknown_keys_name_their_path(tmp_path: Path) -> None:
 
 
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
-    problems = problems_of(tmp_path, """\
+    problems = problems_of(
+        tmp_path,
+        """\
         job_id: "bad id!"
         protocol: PSI
         keys: uid
@@ -248,12 +272,21 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
             output: b_out.csv
         link:
           recv_timeout_ms: "20"
-        """)
+        """,
+    )
     prefixes = [p.split(":", 1)[0] for p in problems]
-    assert sorted(prefixes) == sorted([
-        "job_id", "protocol", "keys", "receiver", "broadcast_result",
-        "parties.bob.broker", "parties.bob.input", "link.recv_timeout_ms",
-    ])
+    assert sorted(prefixes) == sorted(
+        [
+            "job_id",
+            "protocol",
+            "keys",
+            "receiver",
+            "broadcast_result",
+            "parties.bob.broker",
+            "parties.bob.input",
+            "link.recv_timeout_ms",
+        ]
+    )
     assert any("'carol' is not one of the parties" in p for p in problems)
     with pytest.raises(SpecError) as info:
         load_spec(tmp_path / "job.yaml")
@@ -290,8 +323,10 @@ def test_link_value_must_be_int(tmp_path: Path, value: str) -> None:
 
 def test_link_value_range(tmp_path: Path) -> None:
     problems = problems_of(tmp_path, with_link("recv_timeout_ms: 0\nhttp_timeout_ms: -5\n"))
-    assert [p.split(":", 1)[0] for p in problems] == ["link.recv_timeout_ms",
-                                                       "link.http_timeout_ms"]
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "link.recv_timeout_ms",
+        "link.http_timeout_ms",
+    ]
     assert "between 1 and" in problems[0]
 
 
@@ -373,8 +408,9 @@ def test_input_equal_output_refused(tmp_path: Path) -> None:
     assert problems == ["parties.bob.output: must differ from the input file"]
 
 
-@pytest.mark.parametrize("broker", ["127.0.0.1", "localhost:http", ":9380", "host:0",
-                                    "host:70000", "''"])
+@pytest.mark.parametrize(
+    "broker", ["127.0.0.1", "localhost:http", ":9380", "host:0", "host:70000", "''"]
+)
 def test_broker_must_be_host_port(tmp_path: Path, broker: str) -> None:
     problems = problems_of(tmp_path, VALID.replace("127.0.0.1:9381", broker))
     assert len(problems) == 1
@@ -420,7 +456,9 @@ def test_parse_link_settings_collects_every_problem() -> None:
         problems,
     )
     assert [p.split(":", 1)[0] for p in problems] == [
-        "link.connect_retry_times", "link.brpc_channel_protocol", "link.bogus",
+        "link.connect_retry_times",
+        "link.brpc_channel_protocol",
+        "link.bogus",
     ]
 
 
@@ -452,8 +490,14 @@ def test_warning_short_recv_timeout() -> None:
 
 
 def test_both_warnings_from_spec(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, with_link(
-        "connect_retry_times: 5\nconnect_retry_interval_ms: 100\nrecv_timeout_ms: 1000\n")))
+    spec = load_spec(
+        write(
+            tmp_path,
+            with_link(
+                "connect_retry_times: 5\nconnect_retry_interval_ms: 100\nrecv_timeout_ms: 1000\n"
+            ),
+        )
+    )
     warnings = spec.link.warnings()
     assert len(warnings) == 2
     assert "retry window is 0 s" in warnings[0]  # 0.5 s, rounded
@@ -462,10 +506,13 @@ def test_both_warnings_from_spec(tmp_path: Path) -> None:
 
 # --- backend, api, join (issue 4) -----------------------------------------------------------
 
-RAY_PARTIES = VALID.replace("    output: out/alice_psi.csv\n",
-                            "    output: out/alice_psi.csv\n    ray_address: 127.0.0.1:31000\n"
-                            ).replace("    output: out/bob_psi.csv\n",
-                                      "    output: out/bob_psi.csv\n    ray_address: 127.0.0.1:32000\n")
+RAY_PARTIES = VALID.replace(
+    "    output: out/alice_psi.csv\n",
+    "    output: out/alice_psi.csv\n    ray_address: 127.0.0.1:31000\n",
+).replace(
+    "    output: out/bob_psi.csv\n",
+    "    output: out/bob_psi.csv\n    ray_address: 127.0.0.1:32000\n",
+)
 
 
 def test_backend_api_join_defaults(tmp_path: Path) -> None:
@@ -494,7 +541,8 @@ def test_ray_address_without_ray_backend_is_an_error(tmp_path: Path) -> None:
 def test_bad_ray_address(tmp_path: Path) -> None:
     text = "backend: ray\n" + RAY_PARTIES.replace("127.0.0.1:31000", "ray-head")
     assert problems_of(tmp_path, text) == [
-        "parties.alice.ray_address: must be host:port, e.g. 127.0.0.1:31000, got 'ray-head'"]
+        "parties.alice.ray_address: must be host:port, e.g. 127.0.0.1:31000, got 'ray-head'"
+    ]
 
 
 @pytest.mark.parametrize("key,value", [("backend", "spark"), ("api", "psi_v3"), ("join", "outer")])
@@ -513,13 +561,16 @@ def test_join_defaults_left_side_to_receiver(tmp_path: Path) -> None:
 
 def test_left_side_checks(tmp_path: Path) -> None:
     assert "only applies to join" in problems_of(tmp_path, "left_side: bob\n" + VALID)[0]
-    assert "must be one of the parties" in problems_of(
-        tmp_path, "join: left\nleft_side: carol\n" + VALID)[0]
+    assert (
+        "must be one of the parties"
+        in problems_of(tmp_path, "join: left\nleft_side: carol\n" + VALID)[0]
+    )
 
 
 def test_psi_csv_refuses_what_it_cannot_do(tmp_path: Path) -> None:
-    problems = problems_of(tmp_path, "api: psi_csv\njoin: left\nallow_duplicate_keys: true\n"
-                           + VALID)
+    problems = problems_of(
+        tmp_path, "api: psi_csv\njoin: left\nallow_duplicate_keys: true\n" + VALID
+    )
     assert problems[0].startswith("join: left needs api: psi")
     assert problems[1].startswith("allow_duplicate_keys: the legacy psi_csv call cannot")
 
@@ -528,8 +579,12 @@ def test_backend_api_join_are_in_the_digest(tmp_path: Path) -> None:
     from psi_runner.digest import spec_digest
 
     base = spec_digest(load_spec(write(tmp_path, VALID)))
-    for extra in ("backend: secretflow\n", "api: psi_csv\n", "join: left\n",
-                  "join: left\nleft_side: bob\n"):
+    for extra in (
+        "backend: secretflow\n",
+        "api: psi_csv\n",
+        "join: left\n",
+        "join: left\nleft_side: bob\n",
+    ):
         assert spec_digest(load_spec(write(tmp_path, extra + VALID))) != base, extra
     # A party's own Ray head is local, like its paths: not part of the digest.
     ray1 = load_spec(write(tmp_path, "backend: ray\n" + RAY_PARTIES))

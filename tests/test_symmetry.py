@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 from conftest import (
     assert_same_rows,
     expected_rows,
@@ -21,8 +20,9 @@ from conftest import (
     write_csv,
     write_spec,
 )
-from psi_runner.handshake import _differences, versions
+
 from harness.localnet import BIN, run_parties
+from psi_runner.handshake import _differences, versions
 from psi_runner.spec import load_spec
 
 
@@ -49,14 +49,24 @@ def _spec_for(folder: Path, brokers, name: str, **overrides) -> Path:
 
 def _start(spec: Path, party: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(BIN / "psi-run"), str(spec), "--party", party, "--log-dir",
-         str(spec.parent / "logs"), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            str(BIN / "psi-run"),
+            str(spec),
+            "--party",
+            party,
+            "--log-dir",
+            str(spec.parent / "logs"),
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
 def _assert_refused(proc_result, code: int, *needles: str) -> None:
-    out, err = proc_result
+    _out, err = proc_result
     assert "Traceback" not in err, err
     for needle in needles:
         assert needle in err, err
@@ -80,10 +90,19 @@ def test_peer_with_other_protocol_is_refused_before_link(tmp_path, brokers):
 def test_every_differing_field_is_named_with_both_values(tmp_path, brokers):
     _data(tmp_path)
     a = _start(_spec_for(tmp_path, brokers, "a", receiver="alice", keys=["uid"]), "alice")
-    b = _start(_spec_for(tmp_path, brokers, "b", receiver="bob", broadcast_result=False,
-                         link={"connect_retry_times": 90}), "bob")
+    b = _start(
+        _spec_for(
+            tmp_path,
+            brokers,
+            "b",
+            receiver="bob",
+            broadcast_result=False,
+            link={"connect_retry_times": 90},
+        ),
+        "bob",
+    )
     results = [p.communicate(timeout=120) for p in (a, b)]
-    for p, (out, err) in zip((a, b), results):
+    for p, (_out, err) in zip((a, b), results):
         assert p.returncode == 4
         assert "receiver differs" in err and "broadcast_result differs" in err
         assert "link.connect_retry_times differs" in err
@@ -153,7 +172,7 @@ def test_check_against_a_real_run_is_refused(tmp_path, brokers):
     a = _start(spec, "alice", "--check")
     b = _start(spec, "bob")
     results = [p.communicate(timeout=120) for p in (a, b)]
-    for p, (out, err) in zip((a, b), results):
+    for p, (_out, err) in zip((a, b), results):
         assert p.returncode == 4 and "mode differs" in err
 
 
@@ -163,14 +182,16 @@ def test_different_spu_versions_are_named(tmp_path):
     spec_path.write_text(
         "job_id: v1\nkeys: [uid]\nreceiver: alice\nparties:\n"
         "  alice: {broker: '127.0.0.1:1', input: a.csv, output: o.csv}\n"
-        "  bob: {broker: '127.0.0.1:2', input: a.csv, output: p.csv}\n")
+        "  bob: {broker: '127.0.0.1:2', input: a.csv, output: p.csv}\n"
+    )
     spec = load_spec(spec_path)
     from psi_runner.digest import shared_fields
 
     mine = {"mode": "run", "fields": shared_fields(spec), "versions": versions()}
     theirs = {**mine, "versions": {**mine["versions"], "spu": "0.9.0", "psi-run": "9.0.0"}}
     diffs = _differences(spec, "alice", mine, "bob", theirs)
-    assert any(d.startswith(f"spu version differs (alice: {versions()['spu']}, bob: 0.9.0)")
-               for d in diffs)
+    assert any(
+        d.startswith(f"spu version differs (alice: {versions()['spu']}, bob: 0.9.0)") for d in diffs
+    )
     assert any(d.startswith("psi-run version differs") for d in diffs)
     assert _differences(spec, "alice", mine, "bob", dict(mine)) == []

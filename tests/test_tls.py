@@ -21,14 +21,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from broker import codes
-from broker.config import load_config
-from broker.proto import ptp_pb2, ptp_pb2_grpc
 from conftest import (
     _hdr,
     _http,
@@ -40,6 +32,14 @@ from conftest import (
     write_csv,
     write_spec,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from broker import codes
+from broker.config import load_config
+from broker.proto import ptp_pb2, ptp_pb2_grpc
 from harness.localnet import LocalBroker
 
 SERVERS = ("alice", "bob", "carol")
@@ -50,12 +50,22 @@ SERVERS = ("alice", "bob", "carol")
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "psi-run tests"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "psi-run tests"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
 
 
-def _issue(subject: str, key, issuer: tuple[x509.Name, object, object] | None, *,
-           ca: bool = False, server: bool = False) -> x509.Certificate:
+def _issue(
+    subject: str,
+    key,
+    issuer: tuple[x509.Name, object, object] | None,
+    *,
+    ca: bool = False,
+    server: bool = False,
+) -> x509.Certificate:
     """A certificate for ``key``; ``issuer`` is (name, key, cert) or None for self-signed."""
     now = datetime.datetime.now(datetime.timezone.utc)
     name = _name(subject)
@@ -79,28 +89,45 @@ def _issue(subject: str, key, issuer: tuple[x509.Name, object, object] | None, *
         )
     if ca:
         b = b.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                          content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, encipher_only=False,
-                          decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
     else:
         b = b.add_extension(
-            x509.KeyUsage(digital_signature=True, key_encipherment=False, key_cert_sign=False,
-                          crl_sign=False, content_commitment=False, data_encipherment=False,
-                          key_agreement=True, encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                key_encipherment=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                content_commitment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         usage = [ExtendedKeyUsageOID.SERVER_AUTH] if server else [ExtendedKeyUsageOID.CLIENT_AUTH]
         b = b.add_extension(x509.ExtendedKeyUsage(usage), critical=False)
     if server:
         b = b.add_extension(
-            x509.SubjectAlternativeName([
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.2")),
-                x509.DNSName("localhost"),
-            ]),
+            x509.SubjectAlternativeName(
+                [
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.2")),
+                    x509.DNSName("localhost"),
+                ]
+            ),
             critical=False,
         )
     return b.sign(issuer_key, hashes.SHA256())
@@ -109,9 +136,13 @@ def _issue(subject: str, key, issuer: tuple[x509.Name, object, object] | None, *
 def _write(folder: Path, stem: str, key, cert: x509.Certificate) -> tuple[str, str]:
     crt, pem_key = folder / f"{stem}.crt", folder / f"{stem}.key"
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem_key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
+    pem_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return str(crt), str(pem_key)
 
 
@@ -120,8 +151,10 @@ def pki(tmp_path_factory) -> dict[str, str]:
     """PEM files: ca, <party>.crt/.key for each broker, client, rogue-ca and rogue-client."""
     folder = tmp_path_factory.mktemp("pki")
     files: dict[str, str] = {}
-    for ca_stem, client_stem, servers in (("ca", "client", SERVERS),
-                                          ("rogue-ca", "rogue-client", ())):
+    for ca_stem, client_stem, servers in (
+        ("ca", "client", SERVERS),
+        ("rogue-ca", "rogue-client", ()),
+    ):
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_cert = _issue(f"{ca_stem} root", ca_key, None, ca=True)
         files[ca_stem], _ = _write(folder, ca_stem, ca_key, ca_cert)
@@ -129,10 +162,12 @@ def pki(tmp_path_factory) -> dict[str, str]:
         for party in servers:
             key = ec.generate_private_key(ec.SECP256R1())
             files[f"{party}.crt"], files[f"{party}.key"] = _write(
-                folder, party, key, _issue(f"broker {party}", key, issuer, server=True))
+                folder, party, key, _issue(f"broker {party}", key, issuer, server=True)
+            )
         key = ec.generate_private_key(ec.SECP256R1())
         files[f"{client_stem}.crt"], files[f"{client_stem}.key"] = _write(
-            folder, client_stem, key, _issue(client_stem, key, issuer))
+            folder, client_stem, key, _issue(client_stem, key, issuer)
+        )
     return files
 
 
@@ -170,12 +205,21 @@ def _host_port(broker: LocalBroker, name: str) -> tuple[str, int]:
 
 def _tls_route(pki: dict[str, str], peer: LocalBroker, protocol: str) -> list[dict]:
     """A mutual-TLS route to ``peer``: gRPC to its grpcs port, or HTTP to its https URL."""
-    files = {"useSSL": True, "certChainFile": pki["client.crt"],
-             "privateKeyFile": pki["client.key"], "caFile": pki["ca"]}
+    files = {
+        "useSSL": True,
+        "certChainFile": pki["client.crt"],
+        "privateKeyFile": pki["client.key"],
+        "caFile": pki["ca"],
+    }
     if protocol == "http":
         _, port = _host_port(peer, "https")
-        return [{"protocol": "http",
-                 "url": f"https://127.0.0.1:{port}/v1/interconn/chan/invoke", **files}]
+        return [
+            {
+                "protocol": "http",
+                "url": f"https://127.0.0.1:{port}/v1/interconn/chan/invoke",
+                **files,
+            }
+        ]
     _, port = _host_port(peer, "grpcs")
     return [{"ip": "127.0.0.1", "port": port, **files}]
 
@@ -184,8 +228,9 @@ def _tls_route(pki: dict[str, str], peer: LocalBroker, protocol: str) -> list[di
 def tls_pair(tmp_path: Path, pki, request):
     """alice and bob, routed to each other over mutual TLS (``request.param``: grpc or http)."""
     protocol = getattr(request, "param", "grpc")
-    pair = [LocalBroker(p, tmp_path / f"broker-{p}", _tls_properties(pki, p))
-            for p in ("alice", "bob")]
+    pair = [
+        LocalBroker(p, tmp_path / f"broker-{p}", _tls_properties(pki, p)) for p in ("alice", "bob")
+    ]
     try:
         for b in pair:
             b.write_config({})
@@ -214,8 +259,14 @@ def _open(url_or_req, ctx: ssl.SSLContext | None = None):
     return urllib.request.build_opener(*handlers).open(url_or_req, timeout=10)
 
 
-def _grpc_invoke(address: str, pki: dict[str, str], client: str | None, session: str,
-                 payload: bytes = b"via grpcs", target: str = "bob") -> ptp_pb2.Outbound:
+def _grpc_invoke(
+    address: str,
+    pki: dict[str, str],
+    client: str | None,
+    session: str,
+    payload: bytes = b"via grpcs",
+    target: str = "bob",
+) -> ptp_pb2.Outbound:
     """PrivateTransferProtocol.invoke over TLS, as alice's broker would call bob's."""
     creds = grpc.ssl_channel_credentials(
         root_certificates=_read(pki["ca"]),
@@ -226,8 +277,12 @@ def _grpc_invoke(address: str, pki: dict[str, str], client: str | None, session:
         stub = ptp_pb2_grpc.PrivateTransferProtocolStub(ch)
         return stub.invoke(
             ptp_pb2.Inbound(payload=payload),
-            metadata=(("x-ptp-session-id", session), ("x-ptp-topic", "t"),
-                      ("x-ptp-source-node-id", "alice"), ("x-ptp-target-node-id", target)),
+            metadata=(
+                ("x-ptp-session-id", session),
+                ("x-ptp-topic", "t"),
+                ("x-ptp-source-node-id", "alice"),
+                ("x-ptp-target-node-id", target),
+            ),
             timeout=10,
         )
 
@@ -310,18 +365,25 @@ def test_tls_client_refuses_a_server_certificate_from_another_ca(tls_pair, pki):
         _open(f"https://{bob.addresses['https']}/health", ctx)
     assert isinstance(info.value.reason, ssl.SSLCertVerificationError), info.value
     # gRPC: the client checks bob's certificate against the rogue CA and gives up.
-    creds = grpc.ssl_channel_credentials(root_certificates=_read(pki["rogue-ca"]),
-                                         private_key=_read(pki["client.key"]),
-                                         certificate_chain=_read(pki["client.crt"]))
-    with grpc.secure_channel(bob.addresses["grpcs"], creds, options=_NO_PROXY) as ch:
-        with pytest.raises(grpc.RpcError) as err:
-            ptp_pb2_grpc.PrivateTransferProtocolStub(ch).invoke(ptp_pb2.Inbound(), timeout=10)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=_read(pki["rogue-ca"]),
+        private_key=_read(pki["client.key"]),
+        certificate_chain=_read(pki["client.crt"]),
+    )
+    with (
+        grpc.secure_channel(bob.addresses["grpcs"], creds, options=_NO_PROXY) as ch,
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        ptp_pb2_grpc.PrivateTransferProtocolStub(ch).invoke(ptp_pb2.Inbound(), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_tls_bind_host_puts_only_the_tls_listeners_on_its_address(tmp_path, pki):
-    carol = LocalBroker("carol", tmp_path / "broker-carol",
-                        _tls_properties(pki, "carol", **{"tls.bind.host": "127.0.0.2"}))
+    carol = LocalBroker(
+        "carol",
+        tmp_path / "broker-carol",
+        _tls_properties(pki, "carol", **{"tls.bind.host": "127.0.0.2"}),
+    )
     carol.write_config({"alice": {"default": [{"ip": "127.0.0.1", "port": 1}]}})
     carol.start()
     try:
@@ -336,8 +398,12 @@ def test_tls_bind_host_puts_only_the_tls_listeners_on_its_address(tmp_path, pki)
         assert got.code == codes.OK and got.payload == b"on .2"
         assert _https_get(carol.addresses["https"], pki, "client")["self_party"] == ["carol"]
         # ... and the plain ports are not there, nor the TLS ports on 127.0.0.1.
-        for host, name in (("127.0.0.2", "grpc"), ("127.0.0.2", "http"),
-                           ("127.0.0.1", "grpcs"), ("127.0.0.1", "https")):
+        for host, name in (
+            ("127.0.0.2", "grpc"),
+            ("127.0.0.2", "http"),
+            ("127.0.0.1", "grpcs"),
+            ("127.0.0.1", "https"),
+        ):
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection((host, _host_port(carol, name)[1]), timeout=5).close()
     finally:
@@ -356,7 +422,8 @@ def test_tls_bind_host_defaults_to_bind_host(tmp_path):
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_unusable_client_certificate_on_a_route_is_named_and_the_broker_keeps_running(
-        tmp_path, pki, protocol):
+    tmp_path, pki, protocol
+):
     # A gRPC route with certChainFile but no privateKeyFile used to abort the whole broker
     # (an assertion in gRPC's C core); now the sender is told at once which file is wrong.
     bob = LocalBroker("bob", tmp_path / "broker-bob", _tls_properties(pki, "bob"))

@@ -10,13 +10,17 @@ import time
 from pathlib import Path
 
 from conftest import make_ids, wait_for, write_csv, write_spec
+
 from harness.localnet import BIN
 
 
 def _start(spec, party, env=None):
     return subprocess.Popen(
         [str(BIN / "psi-run"), str(spec), "--party", party, "--log-dir", str(spec.parent / "logs")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
         env={**os.environ, **(env or {})},
     )
 
@@ -35,7 +39,7 @@ def test_peer_killed_after_handshake_ends_the_other_side_readably(tmp_path, brok
     os.killpg(b.pid, signal.SIGKILL)
     b.wait()
     t = time.monotonic()
-    out, err = a.communicate(timeout=120)
+    _out, err = a.communicate(timeout=120)
     assert time.monotonic() - t < 60
     assert a.returncode == 4, err
     assert "no sign of bob for 15 s" in err and "Traceback" not in err

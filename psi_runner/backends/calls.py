@@ -61,7 +61,8 @@ def v2_config(spec: JobSpec, party: str, call: PsiCall):
 
     config = v2.PsiConfig(
         protocol_config=v2.ProtocolConfig(
-            protocol=getattr(v2, f"PROTOCOL_{spec.protocol}"), role=role(party),
+            protocol=getattr(v2, f"PROTOCOL_{spec.protocol}"),
+            role=role(party),
             broadcast_result=spec.broadcast_result,
         ),
         input_config=v2.IoConfig(type=v2.IO_TYPE_FILE_CSV, path=str(call.input_path)),
@@ -90,7 +91,8 @@ def v1_config(spec: JobSpec, party: str, call: PsiCall):
         broadcast_result=spec.broadcast_result,
         receiver_rank=spec.party_names.index(spec.receiver),
         input_params=spu_psi.InputParams(
-            path=str(call.input_path), select_fields=list(call.keys),
+            path=str(call.input_path),
+            select_fields=list(call.keys),
             precheck=False,  # psi-run's preflight has checked for duplicates
         ),
         output_params=spu_psi.OutputParams(path=str(call.output_path), need_sort=True),
@@ -107,8 +109,7 @@ class CallFailed(Exception):
         self.stage = stage
 
 
-def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
-            session: str) -> dict:
+def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], session: str) -> dict:
     """Create the blackbox link through the broker and run the spec's PSI call.
 
     Returns ``{"original_count", "intersection_count", "link_s", "psi_s"}``; raises CallFailed.
@@ -124,7 +125,7 @@ def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
         # wait until the receive timeout (seen here in 1 of 3 Ray runs). A barrier first
         # makes sure both sides have read the first test message before either sends again.
         lctx.barrier()
-    except Exception as exc:  # noqa: BLE001 - SPU raises plain RuntimeError
+    except Exception as exc:
         raise CallFailed("creating the SPU link", str(exc)) from exc
     t1 = time.monotonic()
     try:
@@ -132,7 +133,7 @@ def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
             report = spu_psi.bucket_psi(lctx, v1_config(spec, party, call))
         else:
             report = spu_psi.psi(v2_config(spec, party, call), lctx)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise CallFailed("running the PSI", str(exc)) from exc
     finally:
         try:

@@ -22,15 +22,22 @@ def extra_sessions(session: str) -> list[str]:
     return []
 
 
-def run(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
-        session: str) -> BackendResult:
+def run(
+    spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], session: str
+) -> BackendResult:
     """Create the link and run the PSI in this process."""
     try:
         report = execute(spec, party, call, env, session)
     except CallFailed as exc:
         log.error("%s failed: %s", exc.stage, exc)
         raise translate_spu_error(exc, spec, party, exc.stage) from exc
-    log.info("job %s party %s: SPU report original=%d intersection=%d", spec.job_id, party,
-             report["original_count"], report["intersection_count"])
-    return BackendResult(report["intersection_count"],
-                         {"link_s": report["link_s"], "psi_s": report["psi_s"]})
+    log.info(
+        "job %s party %s: SPU report original=%d intersection=%d",
+        spec.job_id,
+        party,
+        report["original_count"],
+        report["intersection_count"],
+    )
+    return BackendResult(
+        report["intersection_count"], {"link_s": report["link_s"], "psi_s": report["psi_s"]}
+    )

@@ -52,8 +52,9 @@ def placeholder_address(party: str) -> str:
     return f"{party}.via-psi-broker:1"
 
 
-def _broker_link_proxy(base: type, parties: list[str], env: dict[str, str],
-                       settings: LinkSettings) -> type:
+def _broker_link_proxy(
+    base: type, parties: list[str], env: dict[str, str], settings: LinkSettings
+) -> type:
     """A subclass of a fed brpc-link proxy class whose link goes through the broker.
 
     Built at run time so that Ray pickles it by value (with ``env``) into the proxy actor."""
@@ -70,8 +71,9 @@ def _broker_link_proxy(base: type, parties: list[str], env: dict[str, str],
 
 
 @contextmanager
-def _fed_link_through_broker(ray_mode: bool, parties: list[str], env: dict[str, str],
-                             settings: LinkSettings) -> Iterator[None]:
+def _fed_link_through_broker(
+    ray_mode: bool, parties: list[str], env: dict[str, str], settings: LinkSettings
+) -> Iterator[None]:
     """Swap the fed layer's brpc-link proxy class for a brokered one while the job runs.
 
     Neither ``sf.init`` nor SecretFlow's own fed layer take a proxy class, so this is the one
@@ -92,8 +94,9 @@ def _fed_link_through_broker(ray_mode: bool, parties: list[str], env: dict[str, 
         setattr(module, name, original)
 
 
-def party_task(spec: JobSpec, party: str, call: PsiCall | None, env: dict[str, str] | None,
-               session: str) -> dict:
+def party_task(
+    spec: JobSpec, party: str, call: PsiCall | None, env: dict[str, str] | None, session: str
+) -> dict:
     """The PYU task: this party's side of the PSI. Returns a report or ``{"error", "stage"}``
     (an exception would end the peer's job with SecretFlow's own unreadable trace)."""
     try:
@@ -117,19 +120,22 @@ def _own_result(obj: object, ray_mode: bool) -> dict:
 def _import_secretflow(spec: JobSpec) -> ModuleType:
     try:
         import secretflow as sf
-    except Exception as exc:  # noqa: BLE001 - a broken install shows up as any exception
+    except Exception as exc:
         log.exception("import secretflow failed")
         raise BackendError(
             f"job {spec.job_id}: backend {spec.backend} needs SecretFlow, which cannot be "
             f"imported ({type(exc).__name__}: {str(exc)[:150]}); run scripts/setup.sh again, "
-            "or use backend: embedded") from exc
+            "or use backend: embedded"
+        ) from exc
     return sf
 
 
 def _init_args(spec: JobSpec, party: str, session: str) -> dict:
     cluster_config = {
-        "parties": {p: {"address": placeholder_address(p),
-                        "listen_addr": placeholder_address(p)} for p in spec.party_names},
+        "parties": {
+            p: {"address": placeholder_address(p), "listen_addr": placeholder_address(p)}
+            for p in spec.party_names
+        },
         "self_party": party,
     }
     args: dict = {
@@ -140,8 +146,12 @@ def _init_args(spec: JobSpec, party: str, session: str) -> dict:
         "enable_waiting_for_other_parties_ready": True,
     }
     if spec.backend == "ray":
-        args.update(address=spec.parties[party].ray_address, ray_mode=True,
-                    log_to_driver=True, ignore_reinit_error=True)
+        args.update(
+            address=spec.parties[party].ray_address,
+            ray_mode=True,
+            log_to_driver=True,
+            ignore_reinit_error=True,
+        )
     else:
         args.update(ray_mode=False)
     return args
@@ -163,8 +173,9 @@ class _Steps:
         self.seconds[key] = time.monotonic() - t
 
 
-def run(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
-        session: str) -> BackendResult:
+def run(
+    spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], session: str
+) -> BackendResult:
     """Run the PSI through SecretFlow; this party's intersection count (-1: none).
 
     The one boundary where SecretFlow's, RayFed's and SPU's errors become psi-run's."""
@@ -174,8 +185,7 @@ def run(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
     fed_env = {**env, "config.session_id": session + FED_SUFFIX}
     failed = True
     try:
-        with _fed_link_through_broker(spec.backend == "ray", spec.party_names, fed_env,
-                                      spec.link):
+        with _fed_link_through_broker(spec.backend == "ray", spec.party_names, fed_env, spec.link):
             # SecretFlow's fed layer installs a SIGINT handler that lets the job run on; it
             # never fires: psi-run's job process takes SIGINT in its own thread (interrupts).
             with steps.step("sf_init_s"):
@@ -188,23 +198,31 @@ def run(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
     except CallFailed as exc:
         log.error("%s failed: %s", exc.stage, exc)
         raise translate_spu_error(exc, spec, party, exc.stage) from exc
-    except Exception as exc:  # noqa: BLE001 - SecretFlow/RayFed errors of any kind
-        log.error("%s failed: %s", steps.current, exc, exc_info=True)
+    except Exception as exc:
+        log.exception("%s failed: %s", steps.current, exc)
         raise translate_spu_error(exc, spec, party, steps.current) from exc
     finally:
         with steps.step("shutdown_s"):
             _shutdown(sf, failed)
 
 
-def _run_tasks(sf: ModuleType, spec: JobSpec, party: str, call: PsiCall, env: dict[str, str],
-               session: str, steps: _Steps) -> int:
+def _run_tasks(
+    sf: ModuleType,
+    spec: JobSpec,
+    party: str,
+    call: PsiCall,
+    env: dict[str, str],
+    session: str,
+    steps: _Steps,
+) -> int:
     parties = spec.party_names
     with steps.step("psi_task_s", during="running the job in SecretFlow"):
         # The identical sequence on both sides: one task per party in spec order; each
         # party executes only its own (its arguments never leave this process).
         objs = [
-            sf.PYU(p)(party_task)(spec, p, call if p == party else None,
-                                  env if p == party else None, session)
+            sf.PYU(p)(party_task)(
+                spec, p, call if p == party else None, env if p == party else None, session
+            )
             for p in parties
         ]
         mine = _own_result(objs[parties.index(party)], spec.backend == "ray")
@@ -216,8 +234,10 @@ def _run_tasks(sf: ModuleType, spec: JobSpec, party: str, call: PsiCall, env: di
         reports = sf.reveal(objs)  # cross-silo: each side learns the other's report
     peer_report = reports[1 - parties.index(party)]
     if "error" in peer_report:
-        raise PeerError(f"job {spec.job_id}: {spec.peer_of(party)} failed "
-                        f"{peer_report['stage']}: {peer_report['error'][:200]}")
+        raise PeerError(
+            f"job {spec.job_id}: {spec.peer_of(party)} failed "
+            f"{peer_report['stage']}: {peer_report['error'][:200]}"
+        )
     log.info("job %s party %s: reports %s", spec.job_id, party, reports)
     return int(mine["intersection_count"])
 
@@ -228,5 +248,5 @@ def _shutdown(sf: ModuleType, failed: bool) -> None:
     os.environ["SF_UT_DO_NOT_EXIT_ENV_FLAG"] = "1"
     try:
         sf.shutdown(barrier_on_shutdown=False, on_error=failed)
-    except Exception:  # noqa: BLE001
+    except Exception:
         log.warning("sf.shutdown failed", exc_info=True)
