@@ -73,42 +73,17 @@ class Dispatcher:
             env = Envelope.from_headers(headers)
         except EnvelopeError as exc:
             return codes.BAD_REQUEST, str(exc)
-        started = time.monotonic()
-        size = len(payload)
+        outcome = _Outcome(self, env, protocol, len(payload))
         table = self.routes.table
-        code, reason = self._refusal(env, size, from_network)
+        code, reason = self._refusal(env, outcome.size, from_network)
         if code is not None:
-            flow(
-                protocol,
-                "REFUSED",
-                session=env.session,
-                topic=env.topic,
-                des=env.target_node,
-                code=code,
-                started=started,
-                address=peer_addr,
-                size=size,
-                msg=reason,
-            )
-            self._count(code, env.source_node, "in", size)
+            outcome.record("REFUSED", code, reason, peer_addr)
             return code, reason
 
         if table.is_self(env.target_node):
             key = QueueKey(env.session, env.target_node, env.topic)
             code, depth = self.queues.push(key, Message(payload, env.headers()))
-            flow(
-                protocol,
-                "MSG_DOWNLOAD",
-                session=env.session,
-                topic=env.topic,
-                des=env.target_node,
-                code=code,
-                started=started,
-                address=peer_addr,
-                size=size,
-                msg=f"offset-in-queue:{depth}",
-            )
-            self._count(code, env.source_node, "in", size)
+            outcome.record("MSG_DOWNLOAD", code, f"offset-in-queue:{depth}", peer_addr)
             return code, codes.DESCRIPTIONS.get(code, "")
 
         hops = table.lookup(env.target_node)
@@ -117,33 +92,12 @@ class Dispatcher:
                 f"no route to party {env.target_node!r}: add it to {table.source} "
                 f"(or a '{DEFAULT_PARTY}' route)"
             )
-            flow(
-                protocol,
-                "MSG_REDIRECT",
-                session=env.session,
-                topic=env.topic,
-                des=env.target_node,
-                code=codes.ROUTE_NOT_FOUND,
-                started=started,
-                size=size,
-                msg=reason,
-            )
-            self._count(codes.ROUTE_NOT_FOUND, env.target_node, "out", size)
+            outcome.record("MSG_REDIRECT", codes.ROUTE_NOT_FOUND, reason, outgoing=True)
             return codes.ROUTE_NOT_FOUND, reason
         code, message, used = await self.forwarder.send(hops, env.next_hop(), payload)
-        flow(
-            protocol,
-            "MSG_REDIRECT",
-            session=env.session,
-            topic=env.topic,
-            des=env.target_node,
-            code=code,
-            started=started,
-            address=used.target if used else hops[0].target,
-            size=size,
-            msg=message or codes.DESCRIPTIONS.get(code, ""),
-        )
-        self._count(code, env.target_node, "out", size)
+        target = used.target if used else hops[0].target
+        text = message or codes.DESCRIPTIONS.get(code, "")
+        outcome.record("MSG_REDIRECT", code, text, target, outgoing=True)
         return code, message
 
     def _refusal(self, env: Envelope, size: int, from_network: bool) -> tuple[str | None, str]:
@@ -241,3 +195,34 @@ class Dispatcher:
                 des=key.node,
                 code=codes.OK,
             )
+
+
+class _Outcome:
+    """The flow-log line and the metrics of one pushed message, written once it is settled."""
+
+    def __init__(self, dispatcher: Dispatcher, env: Envelope, protocol: str, size: int) -> None:
+        self.dispatcher = dispatcher
+        self.env = env
+        self.protocol = protocol
+        self.size = size
+        self.started = time.monotonic()
+
+    def record(
+        self, action: str, code: str, msg: str, address: str = "", outgoing: bool = False
+    ) -> None:
+        env = self.env
+        flow(
+            self.protocol,
+            action,
+            session=env.session,
+            topic=env.topic,
+            des=env.target_node,
+            code=code,
+            started=self.started,
+            address=address,
+            size=self.size,
+            msg=msg,
+        )
+        # Incoming traffic is counted by its source, outgoing by its destination.
+        party = env.target_node if outgoing else env.source_node
+        self.dispatcher._count(code, party, "out" if outgoing else "in", self.size)

@@ -163,6 +163,14 @@ def start_pair(
     return brokers
 
 
+def psi_run_command(spec: Path, party: str, log_dir: Path | None = None, *extra: str) -> list[str]:
+    """``psi-run SPEC --party PARTY --log-dir DIR [extra...]`` (logs beside the spec by default)."""
+    return [
+        str(BIN / "psi-run"), str(spec), "--party", party,
+        "--log-dir", str(log_dir or spec.parent / "logs"), *extra,
+    ]  # fmt: skip
+
+
 def run_parties(
     spec: Path,
     parties: list[str],
@@ -176,15 +184,7 @@ def run_parties(
     env = {**os.environ, **(extra_env or {})}
     procs = [
         subprocess.Popen(
-            [
-                str(BIN / "psi-run"),
-                str(spec),
-                "--party",
-                p,
-                "--log-dir",
-                str(log_dir or spec.parent / "logs"),
-                *(extra_args or []),
-            ],
+            psi_run_command(spec, p, log_dir, *(extra_args or [])),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=cwd,

@@ -30,7 +30,7 @@ from conftest import (
 )
 from test_join import check_join, join_data
 
-from harness.localnet import BIN, LocalRayHead, run_parties
+from harness.localnet import LocalRayHead, psi_run_command, run_parties
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -203,7 +203,7 @@ def test_secretflow_peer_killed_then_the_job_runs_again(tmp_path, brokers):
     env = {**os.environ, "PSI_RUN_PEER_SILENCE_S": "8"}
     procs = {
         p: subprocess.Popen(
-            [str(BIN / "psi-run"), str(spec), "--party", p, "--log-dir", str(tmp_path / "logs")],
+            psi_run_command(spec, p, tmp_path / "logs"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,
@@ -246,7 +246,7 @@ def test_ctrl_c_during_the_psi_stops_both_sides(tmp_path, brokers, backend):
     spec = write_spec(tmp_path, brokers, backend=backend)
     procs = {
         p: subprocess.Popen(
-            [str(BIN / "psi-run"), str(spec), "--party", p, "--log-dir", str(tmp_path / "logs")],
+            psi_run_command(spec, p, tmp_path / "logs"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -291,7 +291,7 @@ def test_backend_mismatch_is_caught_by_the_handshake(tmp_path, brokers):
     env = dict(os.environ)
     procs = [
         subprocess.Popen(
-            [str(BIN / "psi-run"), str(s), "--party", p, "--log-dir", str(tmp_path / "logs")],
+            psi_run_command(s, p, tmp_path / "logs"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=env,

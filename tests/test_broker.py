@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -175,16 +176,20 @@ def test_sigterm_closes_every_listener_at_once_while_a_call_in_flight_drains(tmp
     assert refused_after < 1.5  # the grace period is 5 s
 
 
-def test_broken_config_stops_with_one_line_naming_the_key(tmp_path):
-    conf = tmp_path / "conf"
+def _start_broker_with(conf: Path, properties: str, routes: str, *extra: str):
+    """Run psi-broker on a conf folder made of these two texts; it must stop by itself."""
     conf.mkdir()
-    (conf / "broker.properties").write_text("grpc.port=abc\nopen.http.server=true\n")
-    (conf / "route_table.json").write_text('{"route_table": {}, "self_party": ["a"]}')
-    r = subprocess.run(
-        [str(BIN / "psi-broker"), "--conf-dir", str(conf)],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    (conf / "broker.properties").write_text(properties)
+    (conf / "route_table.json").write_text(routes)
+    cmd = [str(BIN / "psi-broker"), "--conf-dir", str(conf), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_broken_config_stops_with_one_line_naming_the_key(tmp_path):
+    r = _start_broker_with(
+        tmp_path / "conf",
+        "grpc.port=abc\nopen.http.server=true\n",
+        '{"route_table": {}, "self_party": ["a"]}',
     )
     assert r.returncode == 2
     assert "grpc.port" in r.stderr and "http.port" in r.stderr
@@ -192,15 +197,10 @@ def test_broken_config_stops_with_one_line_naming_the_key(tmp_path):
 
 
 def test_route_table_that_does_not_parse_stops_start_with_position(tmp_path):
-    conf = tmp_path / "conf"
-    conf.mkdir()
-    (conf / "broker.properties").write_text("grpc.port=0\nopen.http.server=true\nhttp.port=0\n")
-    (conf / "route_table.json").write_text('{"route_table": {,}, "self_party": ["a"]}')
-    r = subprocess.run(
-        [str(BIN / "psi-broker"), "--conf-dir", str(conf)],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    r = _start_broker_with(
+        tmp_path / "conf",
+        "grpc.port=0\nopen.http.server=true\nhttp.port=0\n",
+        '{"route_table": {,}, "self_party": ["a"]}',
     )
     assert r.returncode == 2
     assert "line 1, column" in r.stderr and "Traceback" not in r.stderr
@@ -209,18 +209,13 @@ def test_route_table_that_does_not_parse_stops_start_with_position(tmp_path):
 def test_port_in_use_is_a_clear_error(tmp_path):
     pair = start_pair(tmp_path / "p")
     try:
-        conf = tmp_path / "c2"
-        conf.mkdir()
-        (conf / "broker.properties").write_text(
+        r = _start_broker_with(
+            tmp_path / "c2",
             f"grpc.port={pair[0].grpc_port}\nbind.host=127.0.0.1\nopen.http.server=true\n"
-            "http.port=0\n"
-        )
-        (conf / "route_table.json").write_text('{"route_table": {}, "self_party": ["a"]}')
-        r = subprocess.run(
-            [str(BIN / "psi-broker"), "--conf-dir", str(conf), "--log-dir", str(tmp_path / "l")],
-            capture_output=True,
-            text=True,
-            timeout=30,
+            "http.port=0\n",
+            '{"route_table": {}, "self_party": ["a"]}',
+            "--log-dir",
+            str(tmp_path / "l"),
         )
         assert r.returncode == 2
         assert "grpc.port" in r.stderr and "in use" in r.stderr

@@ -12,9 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_readme_exit_code_table_is_the_error_tree():
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    table = text[text.index("| code | meaning |"):].split("\n\n", 1)[0]
-    rows = [tuple(c.strip() for c in line.strip("|").split("|"))
-            for line in table.splitlines()[2:]]
+    table = text[text.index("| code | meaning |") :].split("\n\n", 1)[0]
+    rows = [tuple(c.strip() for c in line.strip("|").split("|")) for line in table.splitlines()[2:]]
     assert [(int(code), meaning) for code, meaning in rows] == errors.exit_codes()
 
 

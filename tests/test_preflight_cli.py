@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import write_csv, write_spec
 
-from harness.localnet import BIN, run_parties, start_pair
+from harness.localnet import psi_run_command, run_parties, start_pair
 
 LOG_LINE = "psi-run: log file "
 
@@ -48,15 +48,7 @@ def _job(
 
 def _run(spec: Path, party: str = "alice", *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [
-            str(BIN / "psi-run"),
-            str(spec),
-            "--party",
-            party,
-            "--log-dir",
-            str(spec.parent / "logs"),
-            *extra,
-        ],
+        psi_run_command(spec, party, None, *extra),
         capture_output=True,
         text=True,
         timeout=60,

@@ -21,7 +21,7 @@ from conftest import (
     write_spec,
 )
 
-from harness.localnet import BIN, run_parties
+from harness.localnet import psi_run_command, run_parties
 from psi_runner.handshake import _differences, versions
 from psi_runner.spec import load_spec
 
@@ -49,15 +49,7 @@ def _spec_for(folder: Path, brokers, name: str, **overrides) -> Path:
 
 def _start(spec: Path, party: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            str(BIN / "psi-run"),
-            str(spec),
-            "--party",
-            party,
-            "--log-dir",
-            str(spec.parent / "logs"),
-            *extra,
-        ],
+        psi_run_command(spec, party, None, *extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -11,12 +11,12 @@ from pathlib import Path
 
 from conftest import make_ids, wait_for, write_csv, write_spec
 
-from harness.localnet import BIN
+from harness.localnet import psi_run_command
 
 
 def _start(spec, party, env=None):
     return subprocess.Popen(
-        [str(BIN / "psi-run"), str(spec), "--party", party, "--log-dir", str(spec.parent / "logs")],
+        psi_run_command(spec, party),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
