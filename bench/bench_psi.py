@@ -43,7 +43,7 @@ import pyarrow.csv as pcsv
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's harness/
-from harness.localnet import BIN, LocalRayHead, run_parties, start_pair  # noqa: E402
+from harness.localnet import BIN, LocalRayHead, run_parties, start_pair
 
 HERE = Path(__file__).resolve().parent
 BARE = HERE / "bare_psi.py"
@@ -59,6 +59,7 @@ class BenchError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # data
 
+
 @dataclass
 class Dataset:
     rows: int
@@ -73,8 +74,12 @@ def _write_ids(path: Path, ids: np.ndarray, xs: np.ndarray) -> None:
         fh.write(f"{KEY},x\n")
         step = 100_000
         for i in range(0, len(ids), step):
-            fh.write("".join(f"id{v:09d},{x}\n"
-                             for v, x in zip(ids[i:i + step].tolist(), xs[i:i + step].tolist())))
+            fh.write(
+                "".join(
+                    f"id{v:09d},{x}\n"
+                    for v, x in zip(ids[i : i + step].tolist(), xs[i : i + step].tolist())
+                )
+            )
     tmp.replace(path)
 
 
@@ -90,7 +95,7 @@ def make_dataset(folder: Path, rows: int, seed: int) -> Dataset:
     meta = {"rows": rows, "overlap": overlap, "seed": seed, "format": 1}
     rng = np.random.default_rng(seed)
     pool = rng.choice(10**9, size=2 * rows - overlap, replace=False)
-    shared = pool[rows - overlap: rows]
+    shared = pool[rows - overlap : rows]
     expected = pa.array([f"id{v:09d}" for v in shared.tolist()], type=pa.string())
     expected = pc.take(expected, pc.sort_indices(expected))
     reuse = (
@@ -103,14 +108,16 @@ def make_dataset(folder: Path, rows: int, seed: int) -> Dataset:
         return Dataset(rows, overlap, paths, expected)
     t = time.monotonic()
     meta_path.unlink(missing_ok=True)
-    halves = {"alice": pool[:rows], "bob": pool[rows - overlap:]}
+    halves = {"alice": pool[:rows], "bob": pool[rows - overlap :]}
     for party, ids in halves.items():
         ids = rng.permutation(ids)  # shared ids scattered through both files
         xs = rng.integers(0, 1_000_000, size=rows)
         _write_ids(paths[party], ids, xs)
     meta_path.write_text(json.dumps(meta))
-    print(f"data: wrote {folder} ({rows} rows per party, {overlap} shared) "
-          f"in {time.monotonic() - t:.1f} s")
+    print(
+        f"data: wrote {folder} ({rows} rows per party, {overlap} shared) "
+        f"in {time.monotonic() - t:.1f} s"
+    )
     return Dataset(rows, overlap, paths, expected)
 
 
@@ -123,8 +130,10 @@ def check_output(path: Path, data: Dataset, who: str) -> int:
     count = max(lines - 1, 0)
     if count != data.overlap:
         raise BenchError(f"{who}: {path} has {count} rows, expected {data.overlap}")
-    table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
-        column_types={KEY: pa.string()}, include_columns=[KEY]))
+    table = pcsv.read_csv(
+        path,
+        convert_options=pcsv.ConvertOptions(column_types={KEY: pa.string()}, include_columns=[KEY]),
+    )
     got = table[KEY].combine_chunks()
     got = pc.take(got, pc.sort_indices(got))
     if not got.equals(data.expected):
@@ -134,6 +143,7 @@ def check_output(path: Path, data: Dataset, who: str) -> int:
 
 # --------------------------------------------------------------------------------------------
 # runs
+
 
 @dataclass
 class Run:
@@ -153,12 +163,17 @@ class Run:
 
 
 def variant_label(variant: str) -> str:
-    """"b" is bare SPU; "a:<route>" psi-run (embedded); "a-<backend>:<route>" other backends."""
+    """ "b" is bare SPU; "a:<route>" psi-run (embedded); "a-<backend>:<route>" other backends."""
     if variant == "b":
         return "bare SPU"
     kind, route = variant.split(":")
     backend = kind[2:] if kind.startswith("a-") else ""
     return f"psi-run{f'[{backend}]' if backend else ''}+brokers({route})"
+
+
+def variant_name(backend: str, route: str) -> str:
+    """The variant of (a) with ``backend`` over ``route``: "a:<route>" or "a-<backend>:<route>"."""
+    return f"a:{route}" if backend == "embedded" else f"a-{backend}:{route}"
 
 
 def variant_backend(variant: str) -> str:
@@ -180,9 +195,16 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def run_product(rnd: int, route: str, data: Dataset, run_dir: Path, protocol: str,
-                timeout_s: float, backend: str = "embedded",
-                ray_heads: dict[str, str] | None = None) -> Run:
+def run_product(
+    rnd: int,
+    route: str,
+    data: Dataset,
+    run_dir: Path,
+    protocol: str,
+    timeout_s: float,
+    backend: str = "embedded",
+    ray_heads: dict[str, str] | None = None,
+) -> Run:
     """(a): two routed brokers, then both psi-run processes; wall time of the psi-runs."""
     who = f"round {rnd} (a) {backend} route {route}"
     t = time.monotonic()
@@ -218,22 +240,36 @@ def run_product(rnd: int, route: str, data: Dataset, run_dir: Path, protocol: st
     reports = []
     for party, r in zip(PARTIES, results):
         if r.returncode != 0:
-            raise BenchError(f"{who}: psi-run --party {party} exited {r.returncode}:\n"
-                             f"{r.stderr.strip()}")
+            raise BenchError(
+                f"{who}: psi-run --party {party} exited {r.returncode}:\n{r.stderr.strip()}"
+            )
         try:
             reports.append(json.loads(r.stdout))
         except ValueError:
-            raise BenchError(f"{who}: psi-run --party {party} printed no JSON report:\n"
-                             f"{r.stdout!r}\n{r.stderr.strip()}") from None
+            raise BenchError(
+                f"{who}: psi-run --party {party} printed no JSON report:\n"
+                f"{r.stdout!r}\n{r.stderr.strip()}"
+            ) from None
     rows = []
     for party, rep in zip(PARTIES, reports):
         if rep.get("intersection_count") != data.overlap:
-            raise BenchError(f"{who}: {party} reports intersection_count "
-                             f"{rep.get('intersection_count')}, expected {data.overlap}")
+            raise BenchError(
+                f"{who}: {party} reports intersection_count "
+                f"{rep.get('intersection_count')}, expected {data.overlap}"
+            )
         rows.append(check_output(Path(rep["output"]), data, f"{who} {party}"))
     stages = {k: max(rep["seconds"][k] for rep in reports) for k in reports[0]["seconds"]}
-    return Run(rnd, f"a:{route}" if backend == "embedded" else f"a-{backend}:{route}", wall, stages["psi_s"], stages["link_s"], tuple(rows), stages,
-               stages["total_s"], setup_s)
+    return Run(
+        rnd,
+        variant_name(backend, route),
+        wall,
+        stages["psi_s"],
+        stages["link_s"],
+        tuple(rows),
+        stages,
+        stages["total_s"],
+        setup_s,
+    )
 
 
 def _bare_report(stdout: str) -> dict | None:
@@ -248,18 +284,34 @@ def _bare_report(stdout: str) -> dict | None:
     return None
 
 
-def run_bare(rnd: int, data: Dataset, run_dir: Path, protocol: str, timeout_s: float,
-             dup_check: bool) -> Run:
+def run_bare(
+    rnd: int, data: Dataset, run_dir: Path, protocol: str, timeout_s: float, dup_check: bool
+) -> Run:
     """(b): two bare SPU processes on a direct brpc link; wall time of both."""
     who = f"round {rnd} (b) bare SPU"
     out = run_dir / "out"
     out.mkdir(parents=True, exist_ok=True)
     ports = ",".join(map(str, free_ports(2)))
     cmds = [
-        [sys.executable, str(BARE), "--rank", str(rank), "--ports", ports,
-         "--input", str(data.paths[party]), "--output", str(out / f"{party}_psi.csv"),
-         "--protocol", protocol, "--key", KEY, "--link-id", f"bench-{rnd}",
-         *(["--dup-check"] if dup_check else [])]
+        [
+            sys.executable,
+            str(BARE),
+            "--rank",
+            str(rank),
+            "--ports",
+            ports,
+            "--input",
+            str(data.paths[party]),
+            "--output",
+            str(out / f"{party}_psi.csv"),
+            "--protocol",
+            protocol,
+            "--key",
+            KEY,
+            "--link-id",
+            f"bench-{rnd}",
+            *(["--dup-check"] if dup_check else []),
+        ]
         for rank, party in enumerate(PARTIES)
     ]
     t0 = time.monotonic()
@@ -290,14 +342,17 @@ def run_bare(rnd: int, data: Dataset, run_dir: Path, protocol: str, timeout_s: f
         rep = _bare_report(o)  # SPU logs to stdout too; the report is the line of JSON
         if rep is None:
             (run_dir / f"{party}.stdout.txt").write_text(o)
-            raise BenchError(f"{who}: bare_psi.py {party} printed no JSON report "
-                             f"(stdout kept in {run_dir})")
+            raise BenchError(
+                f"{who}: bare_psi.py {party} printed no JSON report (stdout kept in {run_dir})"
+            )
         reports.append(rep)
     rows = []
     for party, rep in zip(PARTIES, reports):
         if rep["intersection_count"] != data.overlap:
-            raise BenchError(f"{who}: {party} reports intersection_count "
-                             f"{rep['intersection_count']}, expected {data.overlap}")
+            raise BenchError(
+                f"{who}: {party} reports intersection_count "
+                f"{rep['intersection_count']}, expected {data.overlap}"
+            )
         rows.append(check_output(out / f"{party}_psi.csv", data, f"{who} {party}"))
     psi_s = max(r["seconds"]["psi_s"] for r in reports)
     link_s = max(r["seconds"]["link_s"] for r in reports)
@@ -307,6 +362,7 @@ def run_bare(rnd: int, data: Dataset, run_dir: Path, protocol: str, timeout_s: f
 
 # --------------------------------------------------------------------------------------------
 # report
+
 
 def machine_info() -> list[str]:
     try:
@@ -345,8 +401,10 @@ def machine_info() -> list[str]:
     ]
 
 
-HEADER = (f"{'round':>5}  {'#':>1}  {'variant':<33} {'wall_s':>8} {'psi_s':>8} {'link_s':>7} "
-          f"{'wall-psi':>8} {'proc_s':>7} {'prep_s':>7} {'out_s':>6} {'brokers':>7}  rows alice/bob")
+HEADER = (
+    f"{'round':>5}  {'#':>1}  {'variant':<33} {'wall_s':>8} {'psi_s':>8} {'link_s':>7} "
+    f"{'wall-psi':>8} {'proc_s':>7} {'prep_s':>7} {'out_s':>6} {'brokers':>7}  rows alice/bob"
+)
 
 
 def row_line(r: Run, pos: int) -> str:
@@ -356,9 +414,11 @@ def row_line(r: Run, pos: int) -> str:
         prep = f"{r.stages['preflight_s'] + r.stages['prepare_s']:.2f}"
         out = f"{r.stages['output_s']:.2f}"
         brk = f"{r.setup_s:.2f}"
-    return (f"{r.round:>5}  {pos:>1}  {r.label:<33} {r.wall_s:>8.2f} {r.psi_s:>8.2f} "
-            f"{r.link_s:>7.2f} {r.wall_s - r.psi_s:>8.2f} {r.proc_s:>7.2f} {prep:>7} {out:>6} {brk:>7}  "
-            f"{r.rows[0]}/{r.rows[1]}")
+    return (
+        f"{r.round:>5}  {pos:>1}  {r.label:<33} {r.wall_s:>8.2f} {r.psi_s:>8.2f} "
+        f"{r.link_s:>7.2f} {r.wall_s - r.psi_s:>8.2f} {r.proc_s:>7.2f} {prep:>7} {out:>6} "
+        f"{brk:>7}  {r.rows[0]}/{r.rows[1]}"
+    )
 
 
 def summary(runs: list[Run], variants: list[str]) -> list[str]:
@@ -375,13 +435,19 @@ def summary(runs: list[Run], variants: list[str]) -> list[str]:
             "min_wall": min(r.wall_s for r in rs),
             "max_wall": max(r.wall_s for r in rs),
         }
-    lines = [f"{'variant':<33} {'runs':>4} {'median wall_s':>13} {'(min-max)':>15} "
-             f"{'median psi_s':>12} {'median link_s':>13} {'median wall-psi':>15}"]
+    lines = [
+        (
+            f"{'variant':<33} {'runs':>4} {'median wall_s':>13} {'(min-max)':>15} "
+            f"{'median psi_s':>12} {'median link_s':>13} {'median wall-psi':>15}"
+        )
+    ]
     for v in variants:
         m = med[v]
-        lines.append(f"{variant_label(v):<33} {m['n']:>4} {m['wall']:>13.2f} "
-                     f"{m['min_wall']:>7.2f}-{m['max_wall']:<7.2f} {m['psi']:>12.2f} "
-                     f"{m['link']:>13.2f} {m['other']:>15.2f}")
+        lines.append(
+            f"{variant_label(v):<33} {m['n']:>4} {m['wall']:>13.2f} "
+            f"{m['min_wall']:>7.2f}-{m['max_wall']:<7.2f} {m['psi']:>12.2f} "
+            f"{m['link']:>13.2f} {m['other']:>15.2f}"
+        )
     lines.append("")
     base = med["b"]
     for v in variants:
@@ -392,55 +458,170 @@ def summary(runs: list[Run], variants: list[str]) -> list[str]:
         lines.append(f"ratio wall {variant_label(v)} / bare SPU: {rw:.2f}")
         lines.append(f"ratio psi call {variant_label(v)} / bare SPU: {rp:.2f}")
         rx = med[v]["nolink"] / base["nolink"]
-        lines.append(f"  (for information: ratio of median (wall_s - link_s): {rx:.2f}; "
-                     "bare SPU's link_s includes waiting out brpc connect retries)")
+        lines.append(
+            f"  (for information: ratio of median (wall_s - link_s): {rx:.2f}; "
+            "bare SPU's link_s includes waiting out brpc connect retries)"
+        )
         verdict = "met" if rw <= TARGET_RATIO else "NOT met"
         lines.append(f"target wall ratio <= {TARGET_RATIO} ({variant_label(v)}): {verdict}")
     return lines
 
 
 # --------------------------------------------------------------------------------------------
+# command line
 
-def main(argv: list[str] | None = None) -> int:
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The checked options; ``routes`` and ``backends`` come back as lists."""
     ap = argparse.ArgumentParser(description="psi-run + brokers versus bare SPU PSI, N x N rows")
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows per party (default 1M)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     ap.add_argument("--protocol", default="RR22", choices=("RR22", "KKRT", "ECDH"))
-    ap.add_argument("--route", default="both", choices=("grpc", "http", "both"),
-                    help="broker-to-broker route of (a) (default both)")
-    ap.add_argument("--workdir", type=Path,
-                    help="folder for data and runs (default: a temporary folder, removed "
-                         "afterwards); data there is reused when rows and seed match")
+    ap.add_argument(
+        "--route",
+        default="both",
+        choices=("grpc", "http", "both"),
+        help="broker-to-broker route of (a) (default both)",
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        help="folder for data and runs (default: a temporary folder, removed "
+        "afterwards); data there is reused when rows and seed match",
+    )
     ap.add_argument("--seed", type=int, default=20240601)
     ap.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     ap.add_argument("--keep", action="store_true", help="keep every run's outputs and logs")
-    ap.add_argument("--backends", default="embedded",
-                    help="comma-separated psi-run backends for (a): embedded, secretflow, ray "
-                         "(default embedded)")
-    ap.add_argument("--bare-dup-check", action="store_true",
-                    help="(b) lets SPU check for duplicate keys (psi-run skips that check in "
-                         "SPU because its preflight does it); default: same PsiConfig as psi-run")
+    ap.add_argument(
+        "--backends",
+        default="embedded",
+        help="comma-separated psi-run backends for (a): embedded, secretflow, ray "
+        "(default embedded)",
+    )
+    ap.add_argument(
+        "--bare-dup-check",
+        action="store_true",
+        help="(b) lets SPU check for duplicate keys (psi-run skips that check in "
+        "SPU because its preflight does it); default: same PsiConfig as psi-run",
+    )
     args = ap.parse_args(argv)
     if args.rows < 2 or args.rounds < 1:
         ap.error("--rows must be >= 2 and --rounds >= 1")
     for tool in ("psi-run", "psi-broker"):
         if not (BIN / tool).exists():
             ap.error(f"{BIN / tool} not found; run with the project's .venv/bin/python")
-
-    routes = ["grpc", "http"] if args.route == "both" else [args.route]
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(backends) - {"embedded", "secretflow", "ray"})
-    if unknown or not backends:
+    args.routes = ["grpc", "http"] if args.route == "both" else [args.route]
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(args.backends) - {"embedded", "secretflow", "ray"})
+    if unknown or not args.backends:
         ap.error(f"--backends: unknown {', '.join(unknown) or '(none given)'}")
-    variants = [f"a:{r}" if b == "embedded" else f"a-{b}:{r}" for b in backends for r in routes]
-    variants.append("b")
+    return args
 
+
+def print_job(args: argparse.Namespace) -> None:
+    """The machine and the job, before any run."""
     print("== machine")
     for line in machine_info():
         print("  " + line)
-    print(f"== job: {args.protocol}, {args.rows} x {args.rows} rows, 50% overlap, "
-          f"{args.rounds} round(s), routes {', '.join(routes)}; "
-          f"(b) dup check in SPU: {'yes' if args.bare_dup_check else 'no (as psi-run)'}")
+    print(
+        f"== job: {args.protocol}, {args.rows} x {args.rows} rows, 50% overlap, "
+        f"{args.rounds} round(s), routes {', '.join(args.routes)}; "
+        f"(b) dup check in SPU: {'yes' if args.bare_dup_check else 'no (as psi-run)'}"
+    )
+
+
+def start_ray_heads(heads: list[LocalRayHead]) -> dict[str, str]:
+    """A Ray head per party; returns party -> address.
+
+    Each head joins ``heads`` before it starts, so that the caller stops it even if starting fails.
+    """
+    addresses: dict[str, str] = {}
+    for party in PARTIES:
+        head = LocalRayHead(party, Path(f"/tmp/psi-bench-ray-{party}-{os.getpid()}"))
+        heads.append(head)
+        head.start()
+        addresses[party] = head.address
+    print(f"  Ray heads: {addresses}")
+    return addresses
+
+
+def stop_ray_heads(heads: list[LocalRayHead]) -> None:
+    for head in heads:
+        head.stop()
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+def run_round(
+    rnd: int,
+    args: argparse.Namespace,
+    variants: list[str],
+    data: Dataset,
+    runs_root: Path,
+    ray_addresses: dict[str, str],
+) -> list[Run]:
+    """Every variant once, printing a row per run; a, b in odd rounds, b, a in even ones."""
+    order = variants if rnd % 2 == 1 else list(reversed(variants))
+    labels = " -> ".join(variant_label(v) for v in order)
+    print(f"\n== round {rnd}/{args.rounds}: order {labels}", flush=True)
+    print(HEADER)
+    runs = []
+    for pos, v in enumerate(order, 1):
+        run_dir = runs_root / f"r{rnd}-{v.replace(':', '-')}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        r = run_variant(v, rnd, args, data, run_dir, ray_addresses)
+        runs.append(r)
+        print(row_line(r, pos), flush=True)
+        if not args.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return runs
+
+
+def run_variant(
+    variant: str,
+    rnd: int,
+    args: argparse.Namespace,
+    data: Dataset,
+    run_dir: Path,
+    ray_addresses: dict[str, str],
+) -> Run:
+    """One run of ``variant``: (b) bare SPU, or (a) with the variant's backend and route."""
+    if variant == "b":
+        return run_bare(rnd, data, run_dir, args.protocol, args.timeout, args.bare_dup_check)
+    return run_product(
+        rnd,
+        variant.split(":")[1],
+        data,
+        run_dir,
+        args.protocol,
+        args.timeout,
+        variant_backend(variant),
+        ray_addresses,
+    )
+
+
+def print_summary(
+    args: argparse.Namespace, runs: list[Run], variants: list[str], data: Dataset, started: float
+) -> None:
+    print(
+        f"\n== summary ({args.protocol}, {args.rows} x {args.rows} rows, {args.rounds} "
+        f"round(s), {time.monotonic() - started:.0f} s in all; "
+        f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())})"
+    )
+    for line in summary(runs, variants):
+        print(line)
+    print(
+        "all outputs checked: both parties hold exactly the "
+        f"{data.overlap} expected rows in every run"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 when every run succeeded, 1 on a failed run, 130 on Ctrl+C."""
+    args = parse_args(argv)
+    variants = [variant_name(b, r) for b in args.backends for r in args.routes]
+    variants.append("b")
+    print_job(args)
 
     temp = args.workdir is None
     work = Path(tempfile.mkdtemp(prefix="psi-bench-")) if temp else args.workdir.resolve()
@@ -452,35 +633,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[Run] = []
     started = time.monotonic()
     heads: list[LocalRayHead] = []
-    ray_addresses: dict[str, str] = {}
     try:
-        if "ray" in backends:
-            for party in PARTIES:
-                head = LocalRayHead(party, Path(f"/tmp/psi-bench-ray-{party}-{os.getpid()}"))
-                heads.append(head)
-                head.start()
-                ray_addresses[party] = head.address
-            print(f"  Ray heads: {ray_addresses}")
+        ray_addresses = start_ray_heads(heads) if "ray" in args.backends else {}
         for rnd in range(1, args.rounds + 1):
-            # a, b in odd rounds; b, a (reversed) in even rounds
-            order = variants if rnd % 2 == 1 else list(reversed(variants))
-            print(f"\n== round {rnd}/{args.rounds}: order {' -> '.join(variant_label(v) for v in order)}",
-                  flush=True)
-            print(HEADER)
-            for pos, v in enumerate(order, 1):
-                run_dir = runs_root / f"r{rnd}-{v.replace(':', '-')}"
-                shutil.rmtree(run_dir, ignore_errors=True)
-                run_dir.mkdir(parents=True)
-                if v == "b":
-                    r = run_bare(rnd, data, run_dir, args.protocol, args.timeout,
-                                 args.bare_dup_check)
-                else:
-                    r = run_product(rnd, v.split(":")[1], data, run_dir, args.protocol,
-                                    args.timeout, variant_backend(v), ray_addresses)
-                runs.append(r)
-                print(row_line(r, pos), flush=True)
-                if not args.keep:
-                    shutil.rmtree(run_dir, ignore_errors=True)
+            runs += run_round(rnd, args, variants, data, runs_root, ray_addresses)
     except BenchError as exc:
         failed = True
         print(f"\nFAILED: {exc}", file=sys.stderr)
@@ -491,19 +647,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     finally:
-        for head in heads:
-            head.stop()
-            shutil.rmtree(head.temp_dir, ignore_errors=True)
+        stop_ray_heads(heads)
         if temp and not args.keep and not failed:
             shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\n== summary ({args.protocol}, {args.rows} x {args.rows} rows, {args.rounds} "
-          f"round(s), {time.monotonic() - started:.0f} s in all; "
-          f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())})")
-    for line in summary(runs, variants):
-        print(line)
-    print("all outputs checked: both parties hold exactly the "
-          f"{data.overlap} expected rows in every run")
+    print_summary(args, runs, variants, data, started)
     return 0
 
 

@@ -3,12 +3,12 @@
 Format (OSX's)::
 
     {"route_table": {
-        "bob":   {"default": [{"ip": "10.0.0.2", "port": 9370}]},            # peer broker, gRPC
+        "bob":   {"default": [{"ip": "10.0.0.2", "port": 9370}]},          # peer broker, gRPC
         "carol": {"default": [{"protocol": "http",
                                "url": "https://10.0.0.3:9443/v1/interconn/chan/invoke",
                                "useSSL": true, "caFile": "ca.crt", ...}]},
-        "alice": {"fateflow": [{"ip": "127.0.0.1", "port": 9360}]},         # self entry, not a route
-        "default": {"default": [{"ip": "hub", "port": 9370}]}},             # catch-all (exchange)
+        "alice": {"fateflow": [{"ip": "127.0.0.1", "port": 9360}]},       # self entry, not a route
+        "default": {"default": [{"ip": "hub", "port": 9370}]}},           # catch-all (exchange)
      "self_party": ["alice"]}
 
 A party's ``default`` list gives the next hop; the first entry is tried first and the others
@@ -17,8 +17,10 @@ on failure. Relative certificate paths resolve against the folder of the route t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,6 +28,9 @@ from urllib.parse import urlsplit
 from .errors import RouteError
 
 DEFAULT_PARTY = "default"
+
+# "permission" is OSX's; it means nothing to this broker.
+_TOP_KEYS = ("route_table", "self_party", "permission")
 
 _ROUTE_KEYS = {
     "ip",
@@ -47,6 +52,9 @@ _KEYSTORE_KEYS = {
     "trustStoreFile",
     "trustStorePassword",
 }
+
+# Turns a route key's JSON value into a Route field, or raises ValueError with the problem.
+Parser = Callable[[object], object]
 
 
 @dataclass(frozen=True)
@@ -96,53 +104,35 @@ class RouteTable:
 
 def parse_route_table(text: str, source: str = "route_table.json") -> RouteTable:
     """Parse and validate route-table JSON; raise RouteError listing every problem."""
+    doc = _json_object(text, source)
+    problems = [
+        f"{key}: unknown key (expected route_table, self_party)"
+        for key in doc
+        if key not in _TOP_KEYS
+    ]
+    warnings: list[str] = []
+    self_parties = _parse_self_party(doc.get("self_party"), problems)
+    routes = _parse_routes(
+        doc.get("route_table"), self_parties, Path(source).parent, problems, warnings
+    )
+    if problems:
+        raise RouteError(source, problems)
+    return RouteTable(
+        routes=routes, self_parties=self_parties, source=source, warnings=tuple(warnings)
+    )
+
+
+def _json_object(text: str, source: str) -> dict[str, object]:
+    """The top-level object of ``text``; a RouteError of its own when there is none."""
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RouteError(
             source, [f"not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"]
         ) from None
-    problems: list[str] = []
-    warnings: list[str] = []
     if not isinstance(doc, dict):
         raise RouteError(source, ["the top level must be a JSON object"])
-    for key in doc:
-        if key not in ("route_table", "self_party", "permission"):
-            problems.append(f"{key}: unknown key (expected route_table, self_party)")
-
-    self_parties = _parse_self_party(doc.get("self_party"), problems)
-    table = doc.get("route_table")
-    routes: dict[str, tuple[Route, ...]] = {}
-    if not isinstance(table, dict):
-        problems.append("route_table: required, an object of party -> {role: [route, ...]}")
-        table = {}
-    base = Path(source).parent
-    for party, roles in table.items():
-        path = f"route_table.{party}"
-        if not isinstance(roles, dict):
-            problems.append(f"{path}: must be an object of role -> [route, ...]")
-            continue
-        for role, entries in roles.items():
-            if party in self_parties and role != "default":
-                continue  # a self entry (e.g. OSX's "fateflow"): not a route to a peer
-            if not isinstance(entries, list) or not entries:
-                problems.append(f"{path}.{role}: must be a non-empty list of routes")
-                continue
-            if role != "default":
-                warnings.append(f"{path}.{role}: only 'default' routes are used; ignored")
-                continue
-            hops = []
-            for i, entry in enumerate(entries):
-                route = _parse_route(party, entry, f"{path}.{role}[{i}]", base, problems, warnings)
-                if route is not None:
-                    hops.append(route)
-            if hops:
-                routes[party] = tuple(hops)
-    if problems:
-        raise RouteError(source, problems)
-    return RouteTable(
-        routes=routes, self_parties=self_parties, source=source, warnings=tuple(warnings)
-    )
+    return doc
 
 
 def _parse_self_party(value: object, problems: list[str]) -> frozenset[str]:
@@ -158,89 +148,199 @@ def _parse_self_party(value: object, problems: list[str]) -> frozenset[str]:
     return frozenset(parties)
 
 
+def _parse_routes(
+    table: object,
+    self_parties: frozenset[str],
+    base: Path,
+    problems: list[str],
+    warnings: list[str],
+) -> dict[str, tuple[Route, ...]]:
+    """``route_table``: each party with a usable ``default`` list, to its next hops."""
+    if not isinstance(table, dict):
+        problems.append("route_table: required, an object of party -> {role: [route, ...]}")
+        return {}
+    routes = {}
+    for party, roles in table.items():
+        hops = _parse_party(party, roles, party in self_parties, base, problems, warnings)
+        if hops:
+            routes[party] = hops
+    return routes
+
+
+def _parse_party(
+    party: str,
+    roles: object,
+    is_self: bool,
+    base: Path,
+    problems: list[str],
+    warnings: list[str],
+) -> tuple[Route, ...]:
+    """One party's next hops, from its ``default`` list; any other role is warned about."""
+    path = f"route_table.{party}"
+    if not isinstance(roles, dict):
+        problems.append(f"{path}: must be an object of role -> [route, ...]")
+        return ()
+    hops: tuple[Route, ...] = ()
+    for role, entries in roles.items():
+        if is_self and role != "default":
+            continue  # a self entry (e.g. OSX's "fateflow"): not a route to a peer
+        if not isinstance(entries, list) or not entries:
+            problems.append(f"{path}.{role}: must be a non-empty list of routes")
+        elif role != "default":
+            warnings.append(f"{path}.{role}: only 'default' routes are used; ignored")
+        else:
+            parsed = [
+                _parse_route(party, entry, f"{path}.{role}[{i}]", base, problems)
+                for i, entry in enumerate(entries)
+            ]
+            hops = tuple(route for route in parsed if route is not None)
+    return hops
+
+
 def _parse_route(
-    party: str, entry: object, path: str, base: Path, problems: list[str], warnings: list[str]
+    party: str, entry: object, path: str, base: Path, problems: list[str]
 ) -> Route | None:
+    """One entry of a ``default`` list; None, its problems added, when it cannot be used."""
     if not isinstance(entry, dict):
         problems.append(f"{path}: must be an object")
         return None
-    for key in entry:
-        if key in _KEYSTORE_KEYS:
-            continue
-        if key not in _ROUTE_KEYS:
-            problems.append(f"{path}.{key}: unknown key")
+    before = len(problems)
+    problems.extend(_key_problems(entry, path))
+    values = _parse_fields(entry, _optional_fields(base), path, problems)
+    target = _parse_target(entry, path, problems)
+    if target is None or len(problems) > before:
+        return None
+    values.update(target)
+    if values["protocol"] == "http" and urlsplit(values["url"]).scheme == "https":
+        values["use_ssl"] = True  # an https URL means TLS, whatever useSSL says
+    return Route(party=party, **values)
+
+
+def _key_problems(entry: dict[str, object], path: str) -> list[str]:
+    """Keys a route may not have: unknown ones, and a Java keystore in use."""
+    problems = [
+        f"{path}.{key}: unknown key"
+        for key in entry
+        if key not in _ROUTE_KEYS and key not in _KEYSTORE_KEYS
+    ]
     if entry.get("useKeyStore") is True:
         problems.append(
             f"{path}.useKeyStore: Java keystores are not supported; "
             "use certChainFile, privateKeyFile and caFile (PEM)"
         )
+    return problems
+
+
+def _parse_target(
+    entry: dict[str, object], path: str, problems: list[str]
+) -> dict[str, object] | None:
+    """The protocol and where it points (its keys depend on the protocol); None if unknown."""
     protocol = str(entry.get("protocol", "grpc")).lower()
-    use_ssl = entry.get("useSSL", False)
-    if not isinstance(use_ssl, bool):
-        problems.append(f"{path}.useSSL: must be true or false")
-        use_ssl = False
-    token = entry.get("token")
-    if token is not None and (not isinstance(token, str) or not token):
-        problems.append(f"{path}.token: must be a non-empty string")
-        token = None
-    files = {}
-    for key in ("certChainFile", "privateKeyFile", "caFile"):
-        value = entry.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, str) or not value:
-            problems.append(f"{path}.{key}: must be a file path")
-            continue
-        p = Path(os.path.expanduser(value))
-        p = p if p.is_absolute() else base / p
-        if not p.is_file():
-            problems.append(f"{path}.{key}: file not found: {p}")
-        files[key] = str(p)
-    if protocol == "http":
-        url = entry.get("url")
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            problems.append(
-                f"{path}.url: an http route needs a url such as "
-                "http://10.0.0.2:9380/v1/interconn/chan/invoke"
-            )
-            return None
-        return Route(
-            party=party,
-            protocol="http",
-            url=url,
-            use_ssl=use_ssl or parts.scheme == "https",
-            cert_chain_file=files.get("certChainFile"),
-            private_key_file=files.get("privateKeyFile"),
-            ca_file=files.get("caFile"),
-            token=token,
-        )
-    if protocol != "grpc":
+    fields = _TARGET_FIELDS.get(protocol)
+    if fields is None:
         problems.append(f"{path}.protocol: must be grpc or http, got {protocol!r}")
         return None
-    ip, port = entry.get("ip"), entry.get("port")
-    ok = True
-    if not isinstance(ip, str) or not ip:
-        problems.append(f"{path}.ip: required, the peer broker's host")
-        ok = False
-    if isinstance(port, str) and port.isdigit():
-        port = int(port)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        problems.append(f"{path}.port: required, the peer broker's gRPC port (1-65535)")
-        ok = False
-    if not ok:
+    return {"protocol": protocol, **_parse_fields(entry, fields, path, problems, required=True)}
+
+
+def _parse_fields(
+    entry: dict[str, object],
+    fields: dict[str, tuple[str, Parser]],
+    path: str,
+    problems: list[str],
+    *,
+    required: bool = False,
+) -> dict[str, object]:
+    """``{Route field: value}`` for the keys of ``fields``, in order, each through its parser.
+
+    A parser's ValueError becomes the problem ``path.key: message``. An optional key that is
+    absent is left out (Route's default applies); a required one reaches its parser as None.
+    """
+    values: dict[str, object] = {}
+    for key, (name, parse) in fields.items():
+        if key not in entry and not required:
+            continue
+        try:
+            values[name] = parse(entry.get(key))
+        except ValueError as exc:
+            problems.append(f"{path}.{key}: {exc}")
+    return values
+
+
+def _optional_fields(base: Path) -> dict[str, tuple[str, Parser]]:
+    """Keys any route may have: key -> (Route field, parser); PEM paths are taken against base."""
+    pem_file = functools.partial(_pem_file, base=base)
+    return {
+        "useSSL": ("use_ssl", _flag),
+        "token": ("token", _token),
+        "certChainFile": ("cert_chain_file", pem_file),
+        "privateKeyFile": ("private_key_file", pem_file),
+        "caFile": ("ca_file", pem_file),
+    }
+
+
+# Field parsers: each returns the value for Route or raises ValueError with the problem.
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _token(value: object) -> str | None:
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise ValueError("must be a non-empty string")
+
+
+def _pem_file(value: object, base: Path) -> str | None:
+    if value is None:
         return None
-    return Route(
-        party=party,
-        protocol="grpc",
-        ip=ip,
-        port=port,
-        use_ssl=use_ssl,
-        cert_chain_file=files.get("certChainFile"),
-        private_key_file=files.get("privateKeyFile"),
-        ca_file=files.get("caFile"),
-        token=token,
-    )
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a file path")
+    path = Path(os.path.expanduser(value))
+    path = path if path.is_absolute() else base / path
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return str(path)
+
+
+def _host(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("required, the peer broker's host")
+    return value
+
+
+def _grpc_port(value: object) -> int:
+    port = value
+    if isinstance(value, str) and value.isdigit():  # also taken as text: "9370"
+        try:
+            port = int(value)
+        except ValueError:  # a digit int() does not read ("²"), or thousands of digits
+            port = None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError("required, the peer broker's gRPC port (1-65535)")
+    return port
+
+
+def _invoke_url(value: object) -> str:
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+    except ValueError:  # e.g. an IPv6 host without its closing "]"
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            "an http route needs a url such as http://10.0.0.2:9380/v1/interconn/chan/invoke"
+        )
+    return value
+
+
+# Where a route points, by protocol: key -> (Route field, parser); every key is required.
+_TARGET_FIELDS: dict[str, dict[str, tuple[str, Parser]]] = {
+    "grpc": {"ip": ("ip", _host), "port": ("port", _grpc_port)},
+    "http": {"url": ("url", _invoke_url)},
+}
 
 
 def load_route_table(path: Path) -> RouteTable:

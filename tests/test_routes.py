@@ -59,8 +59,10 @@ def test_http_route() -> None:
 
 
 def test_several_hops_keep_order_and_port_as_text() -> None:
-    doc = {"route_table": {"bob": {"default": [
-        {"ip": "a", "port": 1}, {"ip": "b", "port": "2"}]}}, "self_party": ["alice"]}
+    doc = {
+        "route_table": {"bob": {"default": [{"ip": "a", "port": 1}, {"ip": "b", "port": "2"}]}},
+        "self_party": ["alice"],
+    }
     hops = parse_route_table(json.dumps(doc)).lookup("bob")
     assert [(h.ip, h.port) for h in hops] == [("a", 1), ("b", 2)]
 
@@ -80,9 +82,12 @@ def test_default_party_is_the_catch_all() -> None:
 
 
 def test_non_default_role_of_a_peer_is_warned_and_ignored() -> None:
-    doc = {"route_table": {"bob": {"default": [{"ip": "h", "port": 1}],
-                                   "fateflow": [{"ip": "h", "port": 2}]}},
-           "self_party": ["alice"]}
+    doc = {
+        "route_table": {
+            "bob": {"default": [{"ip": "h", "port": 1}], "fateflow": [{"ip": "h", "port": 2}]}
+        },
+        "self_party": ["alice"],
+    }
     table = parse_route_table(json.dumps(doc))
     assert [h.port for h in table.lookup("bob")] == [1]
     assert table.warnings == ("route_table.bob.fateflow: only 'default' routes are used; ignored",)
@@ -130,7 +135,8 @@ def test_route_needs_ip_and_port(entry: dict, culprit: str) -> None:
 def test_route_missing_both_reports_both() -> None:
     problems = problems_of(one_route({}))
     assert [p.split(":", 1)[0] for p in problems] == [
-        "route_table.bob.default[0].ip", "route_table.bob.default[0].port",
+        "route_table.bob.default[0].ip",
+        "route_table.bob.default[0].port",
     ]
 
 
@@ -147,6 +153,22 @@ def test_http_route_needs_url(url) -> None:
     assert problems[0].startswith("route_table.bob.default[0].url: an http route needs a url")
 
 
+@pytest.mark.parametrize(
+    "entry, culprit",
+    [
+        ({"ip": "h", "port": "²"}, "route_table.bob.default[0].port: required"),
+        ({"ip": "h", "port": "0" * 5000 + "1"}, "route_table.bob.default[0].port: required"),
+        ({"protocol": "http", "url": "http://[::1/x"}, "route_table.bob.default[0].url: an http"),
+    ],
+)
+def test_port_or_url_that_python_cannot_read_is_reported_not_raised(entry, culprit) -> None:
+    # int() refuses some digits ("²") and very long numbers, urlsplit() an unclosed "[":
+    # each is a problem of the table, not a ValueError out of the parser.
+    problems = problems_of(one_route(entry))
+    assert len(problems) == 1
+    assert problems[0].startswith(culprit)
+
+
 def test_unknown_route_key() -> None:
     problems = problems_of(one_route({"ip": "h", "port": 1, "hostname": "x"}))
     assert problems == ["route_table.bob.default[0].hostname: unknown key"]
@@ -154,8 +176,9 @@ def test_unknown_route_key() -> None:
 
 def test_keystore_keys_accepted_but_use_keystore_refused() -> None:
     # An OSX table that names a keystore without using it still loads.
-    parse_route_table(json.dumps(one_route(
-        {"ip": "h", "port": 1, "useKeyStore": False, "keyStoreFile": "x.jks"})))
+    parse_route_table(
+        json.dumps(one_route({"ip": "h", "port": 1, "useKeyStore": False, "keyStoreFile": "x.jks"}))
+    )
     problems = problems_of(one_route({"ip": "h", "port": 1, "useKeyStore": True}))
     assert len(problems) == 1
     assert problems[0].startswith("route_table.bob.default[0].useKeyStore: Java keystores")
@@ -181,10 +204,15 @@ def test_all_problems_at_once() -> None:
         "extra": 1,
     }
     problems = problems_of(doc)
-    assert sorted(p.split(":", 1)[0] for p in problems) == sorted([
-        "extra", "self_party", "route_table.bob.default[0].port",
-        "route_table.bob.default[1].url", "route_table.carol",
-    ])
+    assert sorted(p.split(":", 1)[0] for p in problems) == sorted(
+        [
+            "extra",
+            "self_party",
+            "route_table.bob.default[0].port",
+            "route_table.bob.default[1].url",
+            "route_table.carol",
+        ]
+    )
 
 
 def test_relative_ca_file_resolves_against_table_folder(tmp_path: Path, monkeypatch) -> None:
@@ -193,8 +221,9 @@ def test_relative_ca_file_resolves_against_table_folder(tmp_path: Path, monkeypa
     (conf / "certs" / "ca.crt").write_text("x")
     monkeypatch.chdir(tmp_path)  # not the table's folder
     path = conf / "route_table.json"
-    path.write_text(json.dumps(one_route(
-        {"ip": "h", "port": 1, "useSSL": True, "caFile": "certs/ca.crt"})))
+    path.write_text(
+        json.dumps(one_route({"ip": "h", "port": 1, "useSSL": True, "caFile": "certs/ca.crt"}))
+    )
     (hop,) = load_route_table(path).lookup("bob")
     assert hop.ca_file == str(conf / "certs" / "ca.crt")
     assert Path(hop.ca_file).is_absolute()
@@ -203,8 +232,9 @@ def test_relative_ca_file_resolves_against_table_folder(tmp_path: Path, monkeypa
 
 def test_missing_ca_file_reported(tmp_path: Path) -> None:
     path = tmp_path / "route_table.json"
-    path.write_text(json.dumps(one_route(
-        {"protocol": "http", "url": "https://h:1/x", "caFile": "missing.crt"})))
+    path.write_text(
+        json.dumps(one_route({"protocol": "http", "url": "https://h:1/x", "caFile": "missing.crt"}))
+    )
     with pytest.raises(RouteError) as info:
         load_route_table(path)
     assert info.value.problems == [
