@@ -8,13 +8,18 @@ protobuf ``TransportOutbound`` body; the status codes are ``broker.codes``.
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
+import socket
+import ssl
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 
 from broker.proto.http_ptp_pb2 import TransportOutbound
 
-from .errors import PreflightError
+from .errors import PreflightError, cut, shown
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _CHAN = "/v1/interconn/chan/"
@@ -60,8 +65,11 @@ class BrokerClient:
         req = urllib.request.Request(
             self.url(_CHAN + op + query), data=body, method="POST", headers=dict(headers)
         )
-        with urlopen(req, timeout=timeout_s) as resp:
-            raw = resp.read()
+        try:
+            with urlopen(req, timeout=timeout_s) as resp:
+                raw = resp.read()
+        except http.client.HTTPException as exc:  # not an HTTP/1.1 server (e.g. a gRPC port)
+            raise ValueError(f"{self.address} does not speak HTTP/1.1 ({exc!r})") from exc
         out = TransportOutbound()
         try:
             out.ParseFromString(raw)
@@ -94,6 +102,31 @@ class BrokerClient:
         except (OSError, ValueError):
             pass
 
+    def traffic(self, peer: str, timeout_s: float = 5.0) -> tuple[int, int]:
+        """Bytes this broker has sent to and received from ``peer`` so far (its /metrics)."""
+        with urlopen(self.url("/metrics"), timeout=timeout_s) as resp:
+            text = resp.read().decode("utf-8", "replace")
+        totals = {"out": 0, "in": 0}
+        for direction in totals:
+            match = re.search(
+                rf'^psi_broker_bytes_{direction}_total{{peer="{re.escape(peer)}"}} (\d+)$',
+                text,
+                re.MULTILINE,
+            )
+            totals[direction] = int(match.group(1)) if match else 0
+        return totals["out"], totals["in"]
+
+    def session_traffic(self, session: str, timeout_s: float = 5.0) -> int:
+        """Bytes the broker has carried on ``session`` so far, both ways (psi-run's own
+        ``/v1/interconn/chan/traffic`` endpoint; raises ``OSError`` or ``ValueError``)."""
+        query = urllib.parse.urlencode({"session": session})
+        with urlopen(self.url(f"{_CHAN}traffic?{query}"), timeout=timeout_s) as resp:
+            doc = json.loads(resp.read().decode("utf-8"))
+        try:
+            return int(doc["bytes"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError("not a traffic document") from exc
+
     def health(self, timeout_s: float = 5.0) -> dict:
         """The broker's ``/health`` document (raises ``OSError`` or ``ValueError``)."""
         with urlopen(self.url("/health"), timeout=timeout_s) as resp:
@@ -103,24 +136,127 @@ class BrokerClient:
         return doc
 
 
+_HEALTH_MAX = 1 << 20  # bytes of /health preflight reads; a broker's is under 1 KiB
+
+
+class _NoAnswer(Exception):
+    """Nothing answered at the address (refused, unresolvable, unreachable)."""
+
+
+class _NotBroker(Exception):
+    """Something answered, but not a psi-broker's HTTP PTP port; the message says what."""
+
+
 def check_broker(broker: str, party: str, timeout_s: float = 5.0) -> dict:
-    """Make sure our broker answers and serves ``party``; return its health document."""
+    """Make sure our broker's HTTP PTP port answers and serves ``party``; its health document.
+
+    Whatever else is at the address (a gRPC or TLS port, another service, nothing) is a
+    ``PreflightError`` that names the address and what answered."""
+    where = f"broker {cut(broker, 60)}"
     try:
-        health = BrokerClient(broker).health(timeout_s)
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
+        health = _health(broker, timeout_s)
+        served = health.get("self_party")
+        if not isinstance(served, list) or not all(isinstance(p, str) for p in served):
+            raise _NotBroker("answers HTTP, but its /health is not a psi-broker's")
+    except _NoAnswer as exc:
         raise PreflightError(
-            f"broker {broker} of party {party} does not answer ({reason}); start it with "
+            f"{where} of party {party} does not answer ({exc}); start it with "
             f"psi-broker --conf-dir <its conf folder>, or fix parties.{party}.broker"
         ) from None
-    served = health.get("self_party") or []
-    if party not in served:
+    except _NotBroker as exc:
         raise PreflightError(
-            f"broker {broker} serves {', '.join(served) or 'no party'}, not {party}: "
-            f"point parties.{party}.broker at {party}'s own broker, or set self_party in its "
-            "route_table.json"
+            f"{where} of party {party} {exc}; parties.{party}.broker must be the "
+            "broker's HTTP PTP port (http.port)"
+        ) from None
+    if party not in served:
+        names = cut(", ".join(shown(p, 20)[1:-1] for p in served[:5]), 60) or "no party"
+        raise PreflightError(
+            f"{where} serves {names}, not {party}: point parties.{party}.broker at "
+            f"{party}'s own broker, or set self_party in its route_table.json"
         )
     return health
+
+
+def _health(address: str, timeout_s: float) -> dict:
+    """GET /health, reading at most ``_HEALTH_MAX`` bytes; the JSON object it holds."""
+    conn = http.client.HTTPConnection(address, timeout=timeout_s)  # never through a proxy
+    try:
+        try:
+            conn.connect()
+        except socket.gaierror:
+            raise _NoAnswer("its host name does not resolve") from None
+        except TimeoutError:
+            raise _NoAnswer(f"no connection within {timeout_s:g} s") from None
+        except OSError as exc:  # refused, unreachable
+            raise _NoAnswer(exc.strerror or cut(str(exc), 60)) from None
+        except ValueError:  # UnicodeError: a label of the name is too long or empty
+            raise _NoAnswer("its host name is not a valid DNS name") from None
+        try:
+            conn.request("GET", "/health", headers={"Connection": "close"})
+            resp = conn.getresponse()
+            body = resp.read(_HEALTH_MAX + 1)
+        except TimeoutError:
+            raise _NotBroker(
+                f"accepts connections but sends no HTTP answer within {timeout_s:g} s"
+            ) from None
+        except (OSError, http.client.HTTPException):
+            raise _NotBroker(_what_answers(address, timeout_s)) from None
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise _NotBroker(f"answers HTTP {resp.status} at /health, not as a psi-broker")
+    if len(body) > _HEALTH_MAX:
+        raise _NotBroker("answers HTTP, but with more than 1 MiB at /health: not a psi-broker")
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise _NotBroker("answers HTTP, but its /health is not a psi-broker's")
+    return doc
+
+
+def _what_answers(address: str, timeout_s: float) -> str:
+    """What speaks at ``address`` when it does not answer HTTP/1.1: from its first bytes."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            first = sock.recv(64)
+    except TimeoutError:
+        return f"accepts connections but sends no HTTP answer within {timeout_s:g} s"
+    except (OSError, ValueError):
+        first = b""
+    if len(first) >= 9 and first[3] in (0x04, 0x07) and first[:3] < b"\x00\x40\x00":
+        return "answers HTTP/2 (gRPC?), not HTTP/1.1"  # a SETTINGS or GOAWAY frame
+    if (first[:1] in (b"\x15", b"\x16") and first[1:2] == b"\x03") or (
+        not first and _speaks_tls(host, int(port), timeout_s)
+    ):
+        return "answers TLS (an HTTPS or gRPC TLS port?), not plain HTTP"
+    if not first:
+        return "closes the connection without an HTTP answer"
+    if first.startswith(b"HTTP/"):
+        return "answers HTTP, but not as a psi-broker"
+    return f"answers something that is not HTTP ({shown(first, 24)})"
+
+
+def _speaks_tls(host: str, port: int, timeout_s: float) -> bool:
+    """Whether a TLS handshake gets a TLS answer (a certificate, or an alert) at all."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout_s) as sock,
+            context.wrap_socket(sock, server_hostname=host or None),
+        ):
+            return True
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        return False  # closed without a word: not TLS either
+    except ssl.SSLError:
+        return True  # an alert, e.g. a client certificate is required
+    except (OSError, ValueError):
+        return False
 
 
 def release_session(broker: str, session: str, party: str, timeout_s: float = 5.0) -> None:

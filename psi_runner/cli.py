@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import EXIT_OK, EngineCrashed, Interrupted, PreflightError, PsiRunError, exit_codes
+from .events import Events
+from .progress import MODES, ProgressView
 
 log = logging.getLogger("psi_runner.cli")
 
@@ -40,6 +42,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--log-dir", default="logs", help="folder for the detailed log file (default: ./logs)"
+    )
+    parser.add_argument(
+        "--progress",
+        choices=MODES,
+        default="auto",
+        help="progress on stderr: a live line on a terminal, else a line per stage and per "
+        "10%% (auto, the default), always those lines (plain), JSON lines (json), or none",
     )
     return parser.parse_args(argv)
 
@@ -119,7 +128,7 @@ def _preload(*modules: str) -> None:
     threading.Thread(target=load, daemon=True, name="preload").start()
 
 
-def _job_process(args: argparse.Namespace, console: Console) -> int:
+def _job_process(args: argparse.Namespace, console: Console, events: Events) -> int:
     """The child: run the job; its exit code. All output goes through the log pump."""
     from . import interrupts
 
@@ -148,6 +157,7 @@ def _job_process(args: argparse.Namespace, console: Console) -> int:
             check_only=args.check,
             progress=console.say,
             fatal=console.fatal,
+            events=events,
         )
         report = run.run()
     except PsiRunError as exc:
@@ -173,14 +183,53 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(log_path)
     try:
         log_fd = _open_log(log_path)
-        console.say(f"log file {log_path}")
-        return run_supervised(lambda: _job_process(args, console), log_fd)
-    except EngineCrashed as exc:
-        console.say(f"{exc}; the last lines of {log_path} say why")
-        return exc.exit_code
     except PsiRunError as exc:
         console.say(str(exc))
         return exc.exit_code
+    console.say(f"log file {log_path}")
+    attempt = 1
+    while True:
+        view = ProgressView(args.progress, console.err_fd)
+        try:
+            code = run_supervised(
+                lambda events: _job_process(args, console, events),
+                log_fd if attempt == 1 else _open_log(log_path),
+                on_event=view.on_event,
+                on_line=view.on_line,
+            )
+        except EngineCrashed as exc:
+            view.close()
+            _tell_peer_of_crash(args, view, exc)
+            console.say(f"{exc}; the last lines of {log_path} say why")
+            return exc.exit_code
+        except PsiRunError as exc:
+            console.say(str(exc))
+            return exc.exit_code
+        finally:
+            view.close()
+        if view.stalled_retries < attempt:
+            return code
+        # Both sides saw the stall (or were told of it) and start again, with a new handshake.
+        attempt += 1
+        console.say(f"starting the job again after the stall (attempt {attempt})")
+
+
+def _tell_peer_of_crash(args: argparse.Namespace, view: ProgressView, exc: EngineCrashed) -> None:
+    """The job process died without a word: tell the peer from here (best effort)."""
+    from . import notice
+    from .spec import load_spec
+
+    if not view.stage:
+        return  # it died before it knew its job
+    try:
+        spec = load_spec(args.spec)
+        if args.party in spec.parties:
+            message = notice.failure_notice(
+                args.party, view.stage, exc, view.nonce, view.peer_nonce
+            )
+            notice.send_notice(spec, args.party, message)
+    except PsiRunError:
+        pass
 
 
 if __name__ == "__main__":

@@ -13,14 +13,22 @@ Both parties derive the same canonical key from the same original values whateve
 files contain. When the file is "plain" (one key column, every key already canonical, no
 quotes, CR or BOM anywhere) it is handed to SPU unchanged, which costs nothing; otherwise a
 two-column file (canonical key, row number) is, and the result rows are taken from the input.
+
+Before the file is read whole, ``check_input_path`` makes sure it is a regular file (a FIFO is
+refused without being opened) and ``scan_text``, reading fixed-size chunks, that it is UTF-8
+text without NUL bytes whose lines are at most ``LINE_MAX_BYTES`` long: a binary file or an
+endless line is refused at once, in a few MB of memory, naming the byte offset.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import logging
 import os
+import stat
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from .errors import PreflightError
+from .errors import PreflightError, cut, shown
+from .specfile import file_kind
 
 log = logging.getLogger("psi_runner.data")
 
@@ -43,6 +52,12 @@ _PLAIN_BYTES[0x20:0x7F] = True
 _PLAIN_BYTES[[ord('"'), ord("~")]] = False
 _PLAIN_BYTES[ord("\n")] = True
 _HEX = np.array([list(f"{i:02x}".encode()) for i in range(256)], dtype=np.uint8)
+LINE_MAX_BYTES = 1 << 20  # the longest input line (a CSV row) accepted, without its newline
+# Chunks of the pre-scan; at most LINE_MAX_BYTES, so that a longer line always reaches past
+# the end of a chunk and is seen at a chunk's edge.
+_SCAN_CHUNK = 1 << 20
+_LONG_LINE, _NUL, _NOT_UTF8 = range(3)  # what the scan finds; at one offset, the first is named
+_PATH_SHOWN = 100  # characters of a path a message shows (its two ends)
 
 
 @dataclass
@@ -63,26 +78,128 @@ def _line_of(data: bytes, pos: int) -> int:
     return data.count(b"\n", 0, pos) + 1
 
 
-def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = False) -> InputTable:
-    """Read and check the input CSV; raise PreflightError with one readable sentence."""
-    where = f"input {path}"
-    if not path.exists():
-        raise PreflightError(f"{where}: file not found; check parties.<you>.input in the spec")
-    if path.is_dir():
-        raise PreflightError(f"{where}: is a folder; point input at a CSV file")
+def _where(kind: str, path: Path) -> str:
+    return f"{kind} {cut(str(path), _PATH_SHOWN)}"
+
+
+def check_input_path(path: Path) -> None:
+    """Make sure the input is a regular file, without opening it; PreflightError if not."""
+    _input_stat(path, _where("input", path))
+
+
+def _input_stat(path: Path, where: str) -> os.stat_result:
     try:
-        data = path.read_bytes()
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise PreflightError(
+            f"{where}: file not found; check parties.<you>.input in the spec"
+        ) from None
+    except OSError as exc:
+        raise PreflightError(f"{where}: cannot read ({exc.strerror}); check the path") from None
+    except ValueError:  # a NUL byte or a lone surrogate (the spec refuses both)
+        raise PreflightError(f"{where}: not a usable file name") from None
+    _refuse_kind(st, where)
+    return st
+
+
+def _refuse_kind(st: os.stat_result, where: str) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise PreflightError(f"{where}: is a folder; point input at a CSV file")
+    if not stat.S_ISREG(st.st_mode):
+        raise PreflightError(
+            f"{where}: is {file_kind(st.st_mode)}, not a regular file; save the data to a "
+            "CSV file and point input at it"
+        )
+
+
+def _open_input(path: Path, where: str) -> int:
+    """A read descriptor of the regular file at ``path`` (checked before and after opening)."""
+    _input_stat(path, where)
+    try:  # O_NONBLOCK: should it have become a FIFO since the check, open() does not wait
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise PreflightError(
             f"{where}: cannot read ({exc.strerror}); check its permissions"
         ) from None
     try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
+        _refuse_kind(os.fstat(fd), where)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def scan_text(fd: int, where: str) -> None:
+    """Refuse, naming the byte offset, a file that is not UTF-8, holds a NUL byte or has a
+    line longer than ``LINE_MAX_BYTES``; reads ``fd`` to its end in fixed-size chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # of the chunk in the file
+    line_start, line_no = 0, 1  # where the current line starts, and its number
+    while True:
+        chunk = os.read(fd, _SCAN_CHUNK)
+        found: list[tuple[int, int, int]] = []  # (offset, kind, the byte there); first counts
+        held = decoder.getstate()[0]  # the start of a character split by the chunk's edge
+        try:
+            decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as exc:
+            found.append((offset - len(held) + exc.start, _NOT_UTF8, (held + chunk)[exc.start]))
+        nul = chunk.find(b"\0")
+        if nul >= 0:
+            found.append((offset + nul, _NUL, 0))
+        first_newline = chunk.find(b"\n")
+        line_end = offset + (first_newline if first_newline >= 0 else len(chunk))
+        if line_end - line_start > LINE_MAX_BYTES:
+            found.append((line_start + LINE_MAX_BYTES, _LONG_LINE, 0))
+        if found:
+            at, kind, byte = min(found)
+            line = line_no + chunk.count(b"\n", 0, max(at - offset, 0))
+            raise PreflightError(_scan_refusal(where, kind, at, line, byte, line_start, line_no))
+        if not chunk:
+            return
+        newlines = chunk.count(b"\n")
+        if newlines:
+            line_start, line_no = offset + chunk.rfind(b"\n") + 1, line_no + newlines
+        offset += len(chunk)
+
+
+def _scan_refusal(
+    where: str, kind: int, at: int, line: int, byte: int, line_start: int, line_no: int
+) -> str:
+    if kind == _LONG_LINE:
+        return (
+            f"{where}: line {line_no} (from byte offset {line_start}) is longer than "
+            f"{LINE_MAX_BYTES} bytes, the most a row may have; is it a CSV text file?"
+        )
+    if kind == _NUL:
+        return (
+            f"{where}: not CSV text (a NUL byte at line {line}, byte offset {at}); is it a "
+            "binary or UTF-16 file?"
+        )
+    return (
+        f"{where}: not UTF-8 text (byte 0x{byte:02x} at line {line}, byte offset {at}); "
+        "convert it, e.g. iconv -f GBK -t UTF-8"
+    )
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    with os.fdopen(os.dup(fd), "rb") as fh:
+        return fh.read()
+
+
+def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = False) -> InputTable:
+    """Read and check the input CSV; raise PreflightError with one readable sentence."""
+    where = _where("input", path)
+    fd = _open_input(path, where)
+    try:
+        scan_text(fd, where)
+        data = _read_all(fd)
+    except OSError as exc:
         raise PreflightError(
-            f"{where}: not UTF-8 text (bad byte at line {_line_of(data, exc.start)}); "
-            "convert it, e.g. iconv -f GBK -t UTF-8"
+            f"{where}: cannot read ({exc.strerror}); check its permissions"
         ) from None
+    finally:
+        os.close(fd)
     bom = data.startswith(b"\xef\xbb\xbf")
     body = data[3:] if bom else data
     if not body.strip():
@@ -90,17 +207,27 @@ def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = Fa
 
     header_end = body.find(b"\n")
     header_line = body[: header_end if header_end >= 0 else len(body)].decode("utf-8")
-    header = next(csv.reader([header_line.rstrip("\r")]), [])
+    header_line = header_line.rstrip("\r")
+    if "\r" in header_line:  # csv would say "new-line character seen in unquoted field"
+        raise PreflightError(
+            f"{where}: its first line holds a CR alone (old Mac line breaks?); save it with LF "
+            "or CRLF line breaks"
+        )
+    try:
+        header = next(csv.reader([header_line]), [])
+    except csv.Error as exc:  # e.g. a column name over csv's field limit (128 KiB)
+        raise PreflightError(f"{where}: the header line is not CSV ({cut(str(exc), 60)})") from None
     if not header or all(not h.strip() for h in header):
         raise PreflightError(f"{where}: header missing; the first line must name the columns")
-    dup_cols = sorted({h for h in header if header.count(h) > 1})
+    dup_cols = sorted(name for name, count in Counter(header).items() if count > 1)
     if dup_cols:
-        raise PreflightError(f"{where}: header names column {dup_cols[0]!r} twice; rename one")
-    missing = [k for k in keys if k not in header]
+        raise PreflightError(f"{where}: header names column {shown(dup_cols[0])} twice; rename one")
+    names = set(header)
+    missing = [k for k in keys if k not in names]
     if missing:
-        shown = ", ".join(header[:20]) + (" ..." if len(header) > 20 else "")
         raise PreflightError(
-            f"{where}: key column {missing[0]!r} not found; the columns are: {shown}"
+            f"{where}: key column {shown(missing[0], 30)} not found; the columns are: "
+            + _column_list(header)
         )
     blank = _first_blank_line(body)
     if blank:
@@ -120,7 +247,7 @@ def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = Fa
             ),
         )
     except pa.ArrowInvalid as exc:
-        detail = str(exc).split("\n")[0]
+        detail = shown(str(exc).split("\n")[0], 90)[1:-1]  # pyarrow quotes the row: cut it
         raise PreflightError(f"{where}: not a well-formed CSV file ({detail})") from None
     if table.num_rows == 0:
         raise PreflightError(f"{where}: has a header but no rows")
@@ -137,6 +264,17 @@ def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = Fa
         and _plain_keys(table[keys[0]], _PLAIN_BYTES[np.frombuffer(body, np.uint8)].all())
     )
     return InputTable(path=path, columns=header, table=table, plain=plain)
+
+
+def _column_list(header: list[str]) -> str:
+    """The header's names for a message: as many as fit in about 45 characters."""
+    names: list[str] = []
+    for name in header:
+        name = cut(name, 20) if name.isprintable() else shown(name, 16)
+        if names and sum(len(n) + 2 for n in names) + len(name) > 45:
+            return ", ".join(names) + f" ... ({len(header)} columns)"
+        names.append(name)
+    return ", ".join(names)
 
 
 def _plain_file(body: bytes) -> bool:
@@ -171,7 +309,7 @@ def _check_duplicates(table: pa.Table, keys: tuple[str, ...], where: str) -> Non
         return
     dups = grouped.filter(pc.greater(grouped["count_all"], 1))
     extra = table.num_rows - grouped.num_rows
-    example = ", ".join(f"{k}={dups[k][0].as_py()!r}" for k in keys)
+    example = ", ".join(f"{cut(k, 30)}={shown(dups[k][0].as_py())}" for k in keys[:4])
     raise PreflightError(
         f"{where}: {extra} duplicate key row(s) in {dups.num_rows} key(s), e.g. {example}; "
         "deduplicate the file or set allow_duplicate_keys: true in the spec"
@@ -282,11 +420,27 @@ def count_csv_rows(path: Path) -> int:
 
 
 def check_output_location(path: Path) -> None:
-    """Make sure the output folder exists (creating it) and is writable."""
+    """Make sure the output is absent or a regular file (it is replaced by a rename) and its
+    folder exists (creating it) and is writable. A device such as /dev/null, a FIFO, a socket
+    or a folder is refused."""
     folder = path.parent
-    where = f"output {path}"
-    if path.is_dir():
+    where = _where("output", path)
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        st = None  # absent; a file in place of a folder on the way is named below
+    except OSError as exc:
+        raise PreflightError(f"{where}: cannot check it ({exc.strerror}); check the path") from None
+    except ValueError:  # a NUL byte or a lone surrogate (the spec refuses both)
+        raise PreflightError(f"{where}: not a usable file name") from None
+    if st is not None and stat.S_ISDIR(st.st_mode):
         raise PreflightError(f"{where}: is a folder; name a file")
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise PreflightError(
+            f"{where}: is {file_kind(st.st_mode)}, not a regular file; name a new or "
+            "regular file for the result"
+        )
+    shown_folder = cut(str(folder), _PATH_SHOWN)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -294,11 +448,16 @@ def check_output_location(path: Path) -> None:
         blocker = next(
             (p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None
         )
-        reason = f"{blocker} is a file, not a folder" if blocker is not None else exc.strerror
+        reason = (
+            f"{cut(str(blocker), _PATH_SHOWN)} is a file, not a folder"
+            if blocker is not None
+            else exc.strerror
+        )
         raise PreflightError(
-            f"{where}: cannot create folder {folder} ({reason}); choose another output path"
+            f"{where}: cannot create folder {shown_folder} ({reason}); choose another output path"
         ) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PreflightError(
-            f"{where}: folder {folder} is not writable; fix its permissions or move the output"
+            f"{where}: folder {shown_folder} is not writable; fix its permissions or move the "
+            "output"
         )

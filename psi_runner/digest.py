@@ -27,6 +27,9 @@ def shared_fields(spec: JobSpec) -> dict[str, object]:
         "api": spec.api,
         "join": spec.join,
         "left_side": spec.left_side,
+        # Both sides detect a stall and start again together: the same limits on both.
+        "stall_timeout_s": spec.stall_timeout_s,
+        "retries": spec.retries,
     }
 
 

@@ -27,7 +27,7 @@ from importlib import metadata
 
 from broker import codes
 
-from . import __version__
+from . import __version__, notice
 from .broker_client import BrokerClient
 from .digest import shared_fields, spec_digest
 from .errors import PeerError, PreflightError
@@ -37,6 +37,7 @@ log = logging.getLogger("psi_runner.handshake")
 
 PROGRESS_EVERY_S = 10.0
 RESEND_EVERY_S = 2.0
+NOTICE_GRACE_S = 2.0  # how long a newer HELLO may take to overrule an unaddressed notice
 
 
 def versions() -> dict[str, str]:
@@ -71,11 +72,13 @@ class _Channel:
 
     def push(self, message: dict) -> tuple[str, str]:
         body = json.dumps(message, sort_keys=True).encode("utf-8")
-        out = self.client.push(self.session, f"hs-{self.me}-{self.peer}", self.me, self.peer, body)
+        topic = notice.control_topic(self.me, self.peer)
+        out = self.client.push(self.session, topic, self.me, self.peer, body)
         return out.code, out.message
 
     def pop(self, timeout_s: float) -> dict | None:
-        out = self.client.pop(self.session, f"hs-{self.peer}-{self.me}", self.me, timeout_s)
+        topic = notice.control_topic(self.peer, self.me)
+        out = self.client.pop(self.session, topic, self.me, timeout_s)
         if out.code != codes.OK or not out.payload:
             return None
         try:
@@ -191,114 +194,176 @@ def handshake(
     timeout_s: float,
     mode: str = "run",
     progress: Callable[[str], None] = lambda line: None,
+    nonce: str = "",
 ) -> Agreement:
-    """Wait for the peer (up to ``timeout_s``) and check that it runs the same job."""
-    peer = spec.peer_of(me)
-    broker = spec.parties[me].broker
-    channel = _Channel(broker, f"{spec.job_id}.hs", me, peer)
-    nonce = secrets.token_hex(12)
-    hello = {
-        "type": "hello",
-        "job_id": spec.job_id,
-        "party": me,
-        "nonce": nonce,
-        "seen": "",
-        "mode": mode,
-        "fields": shared_fields(spec),
-        "digest": spec_digest(spec),
-        "versions": versions(),
-    }
-    sender = _Sender(channel)
-    sender.start()
-    sender.send(dict(hello))
-    started = time.monotonic()
-    next_progress = started + PROGRESS_EVERY_S
-    last_send = started
-    peer_nonce = ""
-    try:
-        while True:
-            now = time.monotonic()
-            waited = now - started
-            if waited > timeout_s:
-                raise PeerError(_timeout_message(spec, me, peer, timeout_s, peer_nonce, sender))
-            if now >= next_progress:
-                extra = f" ({sender.last_error})" if sender.last_error else ""
-                progress(
-                    f"waiting for {peer} at its broker (job {spec.job_id}): "
-                    f"{next_progress - started:.0f} s of {timeout_s:.0f} s{extra}"
-                )
-                next_progress += PROGRESS_EVERY_S
-            if sender.last_error and now - last_send > RESEND_EVERY_S:
-                sender.send({**hello, "seen": peer_nonce})
-                last_send = now
-            try:
-                msg = channel.pop(min(1.0, max(timeout_s - waited, 0.05)))
-            except (OSError, ValueError) as exc:
-                raise PreflightError(
-                    f"broker {broker} of party {me} stopped answering during the handshake "
-                    f"({getattr(exc, 'reason', exc)}); check that it still runs"
-                ) from None
-            if msg is None or msg.get("type") != "hello" or msg.get("party") != peer:
-                continue
-            their_nonce = str(msg.get("nonce", ""))
-            if their_nonce != peer_nonce:
-                peer_nonce = their_nonce
-                sender.send({**hello, "seen": peer_nonce})
-                last_send = time.monotonic()
-            if msg.get("seen") != nonce:
-                continue  # not (yet) an answer to this attempt: maybe stale, maybe early
-            diffs = _differences(spec, me, hello, peer, msg)
-            sender.flush(10)  # the peer needs our answer to decide too
-            if diffs:
-                raise PeerError(f"job {spec.job_id}: " + "; ".join(diffs))
-            pair = "|".join(sorted([nonce, peer_nonce]))
-            session = f"{spec.job_id}.{hashlib.sha256(pair.encode()).hexdigest()[:20]}"
-            log.info(
-                "job %s party %s: handshake with %s done after %.1f s, session %s",
-                spec.job_id,
-                me,
-                peer,
-                time.monotonic() - started,
-                session,
+    """Wait for the peer (up to ``timeout_s``) and check that it runs the same job.
+
+    Stops at once with ``PeerError`` when the peer sends a failure notice for this attempt."""
+    return _Handshake(spec, me, timeout_s, mode, progress, nonce or new_nonce()).run()
+
+
+def new_nonce() -> str:
+    """A run's random identity on the control channel."""
+    return secrets.token_hex(12)
+
+
+class _Handshake:
+    """One attempt's handshake: HELLOs out, the peer's HELLOs and notices in."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        me: str,
+        timeout_s: float,
+        mode: str,
+        progress: Callable[[str], None],
+        nonce: str,
+    ) -> None:
+        self.spec = spec
+        self.me = me
+        self.peer = spec.peer_of(me)
+        self.timeout_s = timeout_s
+        self.progress = progress
+        self.nonce = nonce
+        self.peer_nonce = ""
+        self.channel = control_channel(spec, me)
+        self.sender = _Sender(self.channel)
+        self.hello = {
+            "type": "hello",
+            "job_id": spec.job_id,
+            "party": me,
+            "nonce": nonce,
+            "seen": "",
+            "mode": mode,
+            "fields": shared_fields(spec),
+            "digest": spec_digest(spec),
+            "versions": versions(),
+            "sent_at": time.time(),
+        }
+        # An unaddressed failure notice of the peer, acted on unless a newer HELLO follows.
+        self.notice: dict | None = None
+        self.notice_deadline = 0.0
+
+    def run(self) -> Agreement:
+        self.sender.start()
+        self.sender.send(dict(self.hello))
+        started = time.monotonic()
+        next_progress = started + PROGRESS_EVERY_S
+        last_send = started
+        try:
+            while True:
+                now = time.monotonic()
+                waited = now - started
+                if waited > self.timeout_s:
+                    raise PeerError(self._timeout_message(), kind="gave up waiting for the peer")
+                if self.notice is not None and now >= self.notice_deadline:
+                    raise notice.peer_failed(self.spec, self.notice)
+                if now >= next_progress:
+                    self._waiting(next_progress - started)
+                    next_progress += PROGRESS_EVERY_S
+                if self.sender.last_error and now - last_send > RESEND_EVERY_S:
+                    self._answer()
+                    last_send = now
+                msg = self._pop(min(1.0, max(self.timeout_s - waited, 0.05)))
+                if msg is None or msg.get("party") != self.peer:
+                    continue
+                if msg.get("type") == "abort":
+                    self._on_notice(msg)
+                elif msg.get("type") == "hello":
+                    agreed = self._on_hello(msg, started)
+                    if agreed is not None:
+                        return agreed
+                    last_send = time.monotonic()
+        finally:
+            self.sender.stop()
+
+    def _pop(self, wait_s: float) -> dict | None:
+        try:
+            return self.channel.pop(wait_s)
+        except (OSError, ValueError) as exc:
+            raise PreflightError(
+                f"broker {self.spec.parties[self.me].broker} of party {self.me} stopped "
+                f"answering during the handshake ({getattr(exc, 'reason', exc)}); check that "
+                "it still runs"
+            ) from None
+
+    def _answer(self) -> None:
+        self.sender.send({**self.hello, "seen": self.peer_nonce})
+
+    def _waiting(self, waited_s: float) -> None:
+        error = self.sender.last_error
+        extra = f" ({error})" if error else ""
+        self.progress(
+            f"waiting for {self.peer} at its broker (job {self.spec.job_id}): "
+            f"{waited_s:.0f} s of {self.timeout_s:.0f} s{extra}"
+        )
+
+    def _on_notice(self, msg: dict) -> None:
+        if msg.get("to") == self.nonce:
+            raise notice.peer_failed(self.spec, msg)
+        if not msg.get("to") and notice.is_fresh(msg):
+            # Sent before the peer met us: maybe from a run that has been started again since.
+            self.notice = msg
+            self.notice_deadline = time.monotonic() + NOTICE_GRACE_S
+
+    def _on_hello(self, msg: dict, started: float) -> Agreement | None:
+        if self.notice is not None and notice.sent_at(msg) > notice.sent_at(self.notice):
+            self.notice = None  # the peer was started again after its failure
+        their_nonce = str(msg.get("nonce", ""))
+        if their_nonce != self.peer_nonce:
+            self.peer_nonce = their_nonce
+            self._answer()
+        if msg.get("seen") != self.nonce:
+            return None  # not (yet) an answer to this attempt: maybe stale, maybe early
+        diffs = _differences(self.spec, self.me, self.hello, self.peer, msg)
+        self.sender.flush(10)  # the peer needs our answer to decide too
+        if diffs:
+            raise PeerError(f"job {self.spec.job_id}: " + "; ".join(diffs), from_peer=True)
+        pair = "|".join(sorted([self.nonce, self.peer_nonce]))
+        session = f"{self.spec.job_id}.{hashlib.sha256(pair.encode()).hexdigest()[:20]}"
+        waited = time.monotonic() - started
+        log.info(
+            "job %s party %s: handshake with %s done after %.1f s, session %s",
+            self.spec.job_id,
+            self.me,
+            self.peer,
+            waited,
+            session,
+        )
+        return Agreement(
+            session=session,
+            peer_versions=msg.get("versions") or {},
+            waited_s=waited,
+            nonce=self.nonce,
+            peer_nonce=self.peer_nonce,
+        )
+
+    def _timeout_message(self) -> str:
+        spec, me, peer = self.spec, self.me, self.peer
+        head = f"job {spec.job_id}: {peer} did not appear within {self.timeout_s:.0f} s"
+        if self.sender.last_error:
+            return (
+                f"{head}: {me}'s broker cannot deliver to {peer} ({self.sender.last_error}); "
+                f"check the route to {peer} in {me}'s route_table.json and that {peer}'s "
+                "broker runs"
             )
-            return Agreement(
-                session=session,
-                peer_versions=msg.get("versions") or {},
-                waited_s=time.monotonic() - started,
-                nonce=nonce,
-                peer_nonce=peer_nonce,
+        if self.peer_nonce:
+            return (
+                f"{head}: {peer} was seen but never answered; check that {peer}'s broker "
+                f"routes back to {me}"
             )
-    finally:
-        sender.stop()
+        return (
+            f"{head}: start `psi-run {spec.path.name} --party {peer}` on {peer}'s side with "
+            f"the same job_id, check that {peer}'s broker runs and routes to {me}, or raise "
+            "timeout_s"
+        )
 
 
 def control_channel(spec: JobSpec, me: str) -> _Channel:
-    """The control channel of a job (HELLOs, then heartbeats and abort notices)."""
-    return _Channel(spec.parties[me].broker, f"{spec.job_id}.hs", me, spec.peer_of(me))
+    """The control channel of a job (HELLOs, then heartbeats and failure notices)."""
+    return _Channel(spec.parties[me].broker, notice.control_session(spec), me, spec.peer_of(me))
 
 
 def finish(spec: JobSpec, me: str) -> None:
     """Drop this party's leftover control messages at its own broker."""
-    peer = spec.peer_of(me)
-    _Channel(spec.parties[me].broker, f"{spec.job_id}.hs", me, peer).release()
-
-
-def _timeout_message(
-    spec: JobSpec, me: str, peer: str, timeout_s: float, peer_nonce: str, sender: _Sender
-) -> str:
-    head = f"job {spec.job_id}: {peer} did not appear within {timeout_s:.0f} s"
-    if sender.last_error:
-        return (
-            f"{head}: {me}'s broker cannot deliver to {peer} ({sender.last_error}); check "
-            f"the route to {peer} in {me}'s route_table.json and that {peer}'s broker runs"
-        )
-    if peer_nonce:
-        return (
-            f"{head}: {peer} was seen but never answered; check that {peer}'s broker "
-            f"routes back to {me}"
-        )
-    return (
-        f"{head}: start `psi-run {spec.path.name} --party {peer}` on {peer}'s side with "
-        f"the same job_id, check that {peer}'s broker runs and routes to {me}, or raise "
-        "timeout_s"
-    )
+    control_channel(spec, me).release()

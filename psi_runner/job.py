@@ -19,14 +19,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, broker_client, data, handshake, interrupts, report
+from . import __version__, broker_client, data, handshake, interrupts, notice, report
 from .backends import BackendResult, backend_for
 from .backends.calls import PsiCall
-from .errors import Interrupted, PeerError, PsiRunError
-from .handshake import Agreement
+from .errors import Interrupted, PsiRunError, Stalled
+from .events import Events
+from .handshake import Agreement, new_nonce
 from .link import blackbox_environment
 from .preflight import preflight
+from .progress import spu_stage_seconds
 from .spec import JobSpec
+from .stall import StallMeter
 from .watchdog import JobWatchdog
 from .workdir import create_work_dir, remove_work_dir
 
@@ -48,6 +51,7 @@ class JobRun:
         fatal: Callable[[PsiRunError], NoReturn],
         check_only: bool = False,
         progress: Callable[[str], None] = lambda line: None,
+        events: Events | None = None,
     ) -> None:
         self.spec = spec
         self.party = party
@@ -55,7 +59,11 @@ class JobRun:
         self.fatal = fatal
         self.check_only = check_only
         self.progress = progress
+        self.events = events or Events()
+        self.nonce = new_nonce()  # this run's identity on the control channel
+        self.peer_nonce = ""
         self.seconds: dict[str, float] = {}
+        self.extra: dict[str, object] = {}  # report fields learned on the way
         self.work: Path | None = None
         self.sessions: list[str] = []  # link sessions whose queues our broker should drop
         self.watchdog: JobWatchdog | None = None
@@ -77,6 +85,7 @@ class JobRun:
         try:
             with self._stage("preflight"):
                 inp = preflight(self.spec, self.party)
+                self.events.emit("input", rows=inp.rows)
             log.info("%s: input has %d rows, plain=%s", self.tag, inp.rows, inp.plain)
             with self._stage("handshake"):
                 agreed = self._handshake()
@@ -110,29 +119,49 @@ class JobRun:
             me.output if rows is not None else None,
             self.log_path,
             self.seconds,
+            self.extra,
         )
 
     @contextmanager
     def _stage(self, name: str, timed: bool = True) -> Iterator[None]:
         """Time a stage (``<name>_s``); on failure log it and tell the peer (once)."""
         t = time.monotonic()
+        self.events.emit("stage", stage=name, state="start")
         try:
             yield
-        except PsiRunError as exc:
-            log.info("%s: stage %s failed: %s", self.tag, name, exc)
-            self._announce(f"{self.party}: {exc}")
+        except KeyboardInterrupt:
+            exc = Interrupted("interrupted; no result was written")
+            self._failed(name, exc)
+            raise exc from None
+        except BaseException as exc:
+            self._failed(name, exc)
             raise
+        seconds = time.monotonic() - t
         if timed:
-            self.seconds[f"{name}_s"] = time.monotonic() - t
+            self.seconds[f"{name}_s"] = seconds
+        self.events.emit("stage", stage=name, state="done", seconds=round(seconds, 3))
+
+    def _failed(self, stage: str, exc: BaseException) -> None:
+        log.info("%s: stage %s failed: %s", self.tag, stage, exc)
+        self.events.emit("stage", stage=stage, state="failed")
+        self._announce(stage, exc)
 
     # -- stages ------------------------------------------------------------------------
 
     def _handshake(self) -> Agreement:
         mode = "check" if self.check_only else "run"
         self._talked = True
-        return handshake.handshake(
-            self.spec, self.party, self.spec.timeout_s, mode=mode, progress=self.progress
+        agreed = handshake.handshake(
+            self.spec,
+            self.party,
+            self.spec.timeout_s,
+            mode=mode,
+            progress=self.progress,
+            nonce=self.nonce,
         )
+        self.peer_nonce = agreed.peer_nonce
+        self.events.emit("met", nonce=self.nonce, peer_nonce=agreed.peer_nonce)
+        return agreed
 
     def _prepare(self, inp: data.InputTable) -> PsiCall:
         """SPU's input: the user's file as it is when SPU reads it right, else canonical keys."""
@@ -151,12 +180,52 @@ class JobRun:
         env = blackbox_environment(
             me.broker, spec.party_names, agreed.session, trace_id=agreed.session
         )
-        with JobWatchdog(spec, self.party, agreed, self._peer_stopped) as self.watchdog:
+        client = broker_client.BrokerClient(me.broker)
+        traffic_before = self._traffic(client)
+        log_offset = self._log_size()
+        stall = StallMeter(self.log_path, me.broker, agreed.session)
+        watchdog = JobWatchdog(
+            spec,
+            self.party,
+            agreed,
+            self._stopped_by_watchdog,
+            stall=stall,
+            stall_timeout_s=spec.stall_timeout_s,
+        )
+        with watchdog as self.watchdog:
             interrupts.set_hook(self._interrupted)
             try:
-                return backend.run(spec, self.party, call, env, agreed.session)
+                result = backend.run(spec, self.party, call, env, agreed.session)
             finally:
                 interrupts.set_hook(None)
+        traffic_after = self._traffic(client)
+        if traffic_before is not None and traffic_after is not None:
+            sent, received = (a - b for a, b in zip(traffic_after, traffic_before))
+            self.extra["bytes"] = {"sent": sent, "received": received}
+        self.extra["spu_stages_s"] = self._spu_stages(log_offset)
+        return result
+
+    def _traffic(self, client: broker_client.BrokerClient) -> tuple[int, int] | None:
+        try:
+            return client.traffic(self.spec.peer_of(self.party))
+        except (OSError, ValueError):
+            return None
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def _spu_stages(self, offset: int) -> dict[str, float]:
+        """SPU's stage timings, read back from this run's log (written by the log pump, which
+        copies each line as soon as SPU prints it)."""
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(offset)
+                return spu_stage_seconds(fh.read(16 << 20))
+        except OSError:
+            return {}
 
     def _output(self, inp: data.InputTable, call: PsiCall) -> int | None:
         """Move the result into place (whole or not at all); its rows, None if not received."""
@@ -175,22 +244,30 @@ class JobRun:
 
     # -- failure and cleanup -----------------------------------------------------------
 
-    def _announce(self, reason: str) -> None:
+    def _announce(self, stage: str, exc: BaseException) -> None:
         """Tell the peer our side failed (once), so it stops now instead of at a timeout."""
+        if getattr(exc, "from_peer", False) or self.party not in self.spec.parties:
+            return
         with self._lock:
-            if self._announced or self.watchdog is None:
+            if self._announced:
                 return
             self._announced = True
-        self.watchdog.notify_failure(reason)
+        message = notice.failure_notice(self.party, stage, exc, self.nonce, self.peer_nonce)
+        notice.send_notice(self.spec, self.party, message)
 
-    def _peer_stopped(self, message: str) -> None:
-        """From the watchdog: the peer or our broker is gone."""
-        self._stop_now(PeerError(message))
+    def _stopped_by_watchdog(self, error: PsiRunError) -> None:
+        """From the watchdog: the peer failed, the peer or our broker is gone, or the PSI
+        stalled (the peer is told of a stall: it may not see it, e.g. when it is stopped)."""
+        if isinstance(error, Stalled):
+            self._announce("psi", error)
+            self.events.emit("stalled", retries=self.spec.retries)
+        self._stop_now(error)
 
     def _interrupted(self) -> None:
         """From the signal thread, during the PSI."""
-        self._announce(f"{self.party} was interrupted (Ctrl-C, SIGINT or SIGTERM)")
-        self._stop_now(Interrupted("interrupted; no result was written"))
+        error = Interrupted("interrupted; no result was written")
+        self._announce("psi", error)
+        self._stop_now(error)
 
     def _stop_now(self, exc: PsiRunError) -> NoReturn:
         try:

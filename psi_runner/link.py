@@ -7,15 +7,28 @@ are checked here so a typo fails before any network activity.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, fields
 from typing import Any
+
+from .errors import key_text, shown
 
 # The broker speaks HTTP/1.1; yacl's blackbox link refuses anything but http/h2.
 _PROTOCOLS = ("http",)
 _CONNECTION_TYPES = ("pooled", "short", "single")
 _ZERO_ALLOWED = ("connect_retry_times", "throttle_window_size")
-_MAX_INT = 2**31 - 1
+# The largest value of each whole-number setting (README, Link settings). SPU takes up to
+# 2**31-1, but beyond these a job waits for days, or sends messages the broker refuses
+# (its message.max.size is 256 MiB by default).
+_MAXIMA = {
+    "connect_retry_times": 10_000,
+    "connect_retry_interval_ms": 600_000,  # 10 minutes between attempts
+    "recv_timeout_ms": 604_800_000,  # 7 days
+    "http_timeout_ms": 604_800_000,
+    "http_max_payload_size": 256 * 1024 * 1024,
+    "throttle_window_size": 10_000,
+}
 _MIN_RETRY_WINDOW_MS = 60_000
 _MIN_RECV_TIMEOUT_MS = 600_000
 
@@ -76,10 +89,10 @@ def parse_link_settings(value: Any, problems: list[str]) -> LinkSettings:
         return LinkSettings()
     values: dict[str, Any] = {}
     for key, raw in value.items():
-        path = f"link.{key}"
         if key not in LINK_DEFAULTS:
-            problems.append(f"{path}: unknown link setting (allowed: {', '.join(LINK_DEFAULTS)})")
+            problems.append(f"link.{key_text(key)}: {_unknown_setting(key)}")
             continue
+        path = f"link.{key}"
         problem = _link_value_problem(key, raw)
         if problem is None:
             values[key] = raw
@@ -94,18 +107,26 @@ def parse_link_settings(value: Any, problems: list[str]) -> LinkSettings:
     return settings
 
 
+def _unknown_setting(key: Any) -> str:
+    # The eight names do not fit on one line with the key: name the likely one instead.
+    close = difflib.get_close_matches(str(key)[:100], LINK_DEFAULTS, n=1)
+    if close:
+        return f"unknown link setting; did you mean {close[0]}?"
+    return "unknown link setting; the README lists them (Link settings)"
+
+
 def _link_value_problem(key: str, raw: Any) -> str | None:
     """What is wrong with one known ``link:`` value (without its key path), or None."""
     if isinstance(LINK_DEFAULTS[key], int):  # the default's type is the setting's type
         if isinstance(raw, bool) or not isinstance(raw, int):
-            return f"must be a whole number, got {raw!r}"
+            return f"must be a whole number, got {shown(raw)}"
         minimum = 0 if key in _ZERO_ALLOWED else 1
-        if raw < minimum or raw > _MAX_INT:
-            return f"must be between {minimum} and {_MAX_INT}, got {raw}"
+        if not minimum <= raw <= _MAXIMA[key]:  # a LongNumber is beyond every maximum
+            return f"must be between {minimum} and {_MAXIMA[key]}, got {shown(raw)}"
     elif key == "brpc_channel_protocol" and raw not in _PROTOCOLS:
-        return f"must be http (the broker speaks HTTP/1.1), got {raw!r}"
+        return f"must be http (the broker speaks HTTP/1.1), got {shown(raw)}"
     elif key == "brpc_channel_connection_type" and raw not in _CONNECTION_TYPES:
-        return f"must be one of {', '.join(_CONNECTION_TYPES)}, got {raw!r}"
+        return f"must be one of {', '.join(_CONNECTION_TYPES)}, got {shown(raw)}"
     return None
 
 

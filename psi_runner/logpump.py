@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 
 REPEATS_KEPT = 20
 MAX_BYTES = 512 * 1024 * 1024
@@ -27,9 +28,14 @@ class LogPump:
     """Writes lines read from a pipe into ``log_fd`` with the limits above."""
 
     def __init__(
-        self, log_fd: int, max_bytes: int = MAX_BYTES, repeats_kept: int = REPEATS_KEPT
+        self,
+        log_fd: int,
+        max_bytes: int = MAX_BYTES,
+        repeats_kept: int = REPEATS_KEPT,
+        on_line: Callable[[bytes], None] = lambda line: None,
     ) -> None:
         self.log_fd = log_fd
+        self.on_line = on_line  # sees every line, written or not (progress reads SPU's)
         self.max_bytes = max_bytes
         self.repeats_kept = repeats_kept
         self.written = os.fstat(log_fd).st_size
@@ -55,6 +61,7 @@ class LogPump:
         self._flush_repeats()
 
     def _line(self, line: bytes) -> None:
+        self.on_line(line)
         key = _DIGITS.sub(b"#", line)
         if key == self._last_key:
             self._run += 1

@@ -1,14 +1,18 @@
 """Preflight: everything this party can check on its own, before the handshake.
 
-The spec and ``--party``, the input file (exists, UTF-8, header, key columns, no blank lines,
-duplicates), the output location, this party's broker (answers and serves this party) and,
-with ``backend: ray``, the party's Ray head. Every problem raises ``PreflightError``.
+The spec and ``--party``; what the input and output paths are (a regular file, or for the
+output absent; FIFOs, devices, sockets and folders are refused without being opened); the
+output folder (created, writable); the input's content (UTF-8 text without NUL bytes or
+over-long lines, header, key columns, no blank lines, duplicates); this party's broker (its
+HTTP PTP port answers and serves this party) and, with ``backend: ray``, the party's Ray head.
+The cheap path checks come first, so a bad output is named before a large input is read.
+Every problem raises ``PreflightError``.
 """
 
 from __future__ import annotations
 
 from . import broker_client, data, rayhead
-from .errors import PreflightError
+from .errors import PreflightError, shown
 from .spec import JobSpec
 
 
@@ -16,11 +20,12 @@ def preflight(spec: JobSpec, party: str) -> data.InputTable:
     """Run every local check; the inspected input."""
     if party not in spec.parties:
         raise PreflightError(
-            f"--party {party!r} is not in the spec; the parties are {', '.join(spec.parties)}"
+            f"--party {shown(party)} is not in the spec; the parties are {', '.join(spec.parties)}"
         )
     me = spec.parties[party]
-    inp = data.inspect_input(me.input, spec.keys, spec.allow_duplicate_keys)
+    data.check_input_path(me.input)
     data.check_output_location(me.output)
+    inp = data.inspect_input(me.input, spec.keys, spec.allow_duplicate_keys)
     broker_client.check_broker(me.broker, party)
     if spec.backend == "ray":
         rayhead.check_head(party, me.ray_address)  # type: ignore[arg-type]

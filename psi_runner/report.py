@@ -53,6 +53,7 @@ def job_report(
     output: Path | None,
     log_path: Path,
     seconds: dict[str, float],
+    extra: dict[str, object] | None = None,
 ) -> dict:
     """The report of a finished job.
 
@@ -72,4 +73,5 @@ def job_report(
         "output": str(output) if output is not None else None,
         "log": str(log_path),
         "seconds": _seconds(seconds),
+        **(extra or {}),
     }

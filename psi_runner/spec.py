@@ -3,20 +3,23 @@
 ``load_spec(path)`` parses and validates it and reports every problem at once with its key
 path (``parties.bob.input: required``). Unknown keys are errors. Relative paths resolve against
 the spec file's folder. Party names are strings even when written as numbers (``9999:``).
+Reading the file and its YAML within bounds is ``specfile``'s; here every value is checked
+before use: numbers for range (NaN, infinities and huge numbers are out of range), text for
+control characters and lone surrogates, and a problem quotes at most a short piece of a value.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .errors import SpecError
+from .errors import SpecError, key_text, shown
 from .link import LINK_DEFAULTS, LinkSettings, parse_link_settings
+from .specfile import LongNumber, SpecProblem, load_yaml, read_spec_text
 
 PROTOCOLS = ("ECDH", "KKRT", "RR22")
 BACKENDS = ("embedded", "secretflow", "ray")
@@ -25,8 +28,16 @@ JOINS = ("inner", "left", "right", "full", "difference")
 CURVES = ("CURVE_25519", "CURVE_FOURQ", "CURVE_SM2", "CURVE_SECP256K1")
 # The one default JobSpec cannot carry: its protocol field comes before the required fields.
 _DEFAULT_PROTOCOL = "RR22"
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_PARTY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would allow a final "\n"
+_PARTY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TIMEOUT_MAX_S = 86_400  # timeout_s: a peer that starts more than a day late needs a new run
+RETRIES_MAX = 10  # a job that stalls ten times in a row needs a person, not an eleventh try
+PATH_MAX_BYTES = 4096  # Linux's PATH_MAX
+KEY_NAME_MAX = 256  # characters in a key column's name
+# C0 and C1 control characters (NUL included) and lone surrogates: no id, name or path holds one.
+_BAD_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# host:port; host is a name or an IPv4 address, or an IPv6 address in brackets.
+_ADDRESS = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[\w.-]{1,253}):([0-9]{1,5})")
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,8 @@ class JobSpec:
     ecdh_curve: str = "CURVE_25519"
     link: LinkSettings = field(default_factory=LinkSettings)
     timeout_s: float = 600.0
+    stall_timeout_s: float = 900.0  # 0: no stall detection
+    retries: int = 0  # fresh starts after a stall
     allow_duplicate_keys: bool = False
     backend: str = "embedded"
     api: str = "psi"
@@ -72,51 +85,6 @@ class JobSpec:
 _DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(JobSpec) if f.default is not MISSING}
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a mapping with the same key twice (YAML allows it silently)."""
-
-
-def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
-    seen: dict[Any, yaml.Node] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            hash(key)
-        except TypeError:  # e.g. "[a, b]: 1"; without this check: a TypeError traceback
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                "a key must be a plain value, not a list or mapping",
-                key_node.start_mark,
-            ) from None
-        if key in seen:
-            mark = key_node.start_mark
-            raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"key {key!r} appears twice (line {seen[key].start_mark.line + 1} "
-                f"and line {mark.line + 1}); keep one",
-                mark,
-            )
-        seen[key] = key_node
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-# YAML 1.1 reads 0001 as octal 1, 0x10 as 16 and 1:30 as 90, which silently renamed a party
-# written as ``0001:``. Only plain decimal numbers are ints here; the rest stay text.
-# Dates are text too (a job_id of 2024-01-01 is a name, not a date).
-_INT_TAG = "tag:yaml.org,2002:int"
-_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
-_DECIMAL = re.compile(r"^[-+]?(?:0|[1-9][0-9_]*)$")
-_UniqueKeyLoader.yaml_implicit_resolvers = {
-    first: [
-        (tag, _DECIMAL if tag == _INT_TAG else rx) for tag, rx in resolvers if tag != _TIMESTAMP_TAG
-    ]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
 _TOP_KEYS = {
     "job_id",
     "protocol",
@@ -127,6 +95,8 @@ _TOP_KEYS = {
     "parties",
     "link",
     "timeout_s",
+    "stall_timeout_s",
+    "retries",
     "allow_duplicate_keys",
     "backend",
     "api",
@@ -138,27 +108,37 @@ _PARTY_KEYS = {"broker", "input", "output", "ray_address"}
 
 def _name(value: Any) -> str | None:
     """Party names and ids may be written as numbers in YAML; they are strings."""
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, (bool, LongNumber)) or value is None:
         return None
     if isinstance(value, (int, str)):
         return str(value)
     return None
 
 
+def _bad_text(text: str) -> str | None:
+    """What makes ``text`` unusable as an id, name or path (a control character, a lone
+    surrogate), or None."""
+    bad = _BAD_TEXT.search(text)
+    if bad is None:
+        return None
+    code = ord(bad.group())
+    what = "a lone surrogate" if code >= 0xD800 else "a control character"
+    if code == 0:
+        what = "a NUL byte"
+    return f"holds {what} (U+{code:04X}) at character {bad.start() + 1}"
+
+
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a job spec file; raise SpecError listing every problem."""
-    spec_path = Path(path).expanduser()
     try:
-        text = spec_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError(str(spec_path), ["file not found"]) from None
-    except IsADirectoryError:
-        raise SpecError(str(spec_path), ["is a folder, not a YAML file"]) from None
-    except UnicodeDecodeError:
-        raise SpecError(str(spec_path), ["not UTF-8 text"]) from None
-    except OSError as exc:
-        raise SpecError(str(spec_path), [f"cannot read: {exc.strerror}"]) from None
-    return parse_spec(text, spec_path.resolve())
+        spec_path = Path(path).expanduser()
+        text = read_spec_text(spec_path)
+        resolved = spec_path.resolve()
+    except SpecProblem as exc:
+        raise SpecError(str(path), [str(exc)]) from None
+    except (OSError, RuntimeError) as exc:  # "~nosuchuser", a symlink loop
+        raise SpecError(str(path), [f"cannot read: {exc}"]) from None
+    return parse_spec(text, resolved)
 
 
 def parse_spec(text: str, spec_path: Path) -> JobSpec:
@@ -170,6 +150,7 @@ def parse_spec(text: str, spec_path: Path) -> JobSpec:
     if problems:
         raise SpecError(str(spec_path), problems)
     values["timeout_s"] = float(values["timeout_s"])  # YAML gives 600 as an int
+    values["stall_timeout_s"] = float(values["stall_timeout_s"])
     if values["join"] != "inner" and values["left_side"] is None:
         # SecretFlow's default: the receiver's table is the left one.
         values["left_side"] = values["receiver"]
@@ -179,12 +160,9 @@ def parse_spec(text: str, spec_path: Path) -> JobSpec:
 def _load_mapping(text: str, spec_path: Path) -> dict[Any, Any]:
     """The YAML document, which must be a mapping; malformed YAML is one problem, not many."""
     try:
-        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # safe: a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(str(spec_path), [f"not valid YAML{where}: {problem}"]) from None
+        doc = load_yaml(text)
+    except SpecProblem as exc:
+        raise SpecError(str(spec_path), [str(exc)]) from None
     if not isinstance(doc, dict):
         raise SpecError(str(spec_path), ["the file must be a YAML mapping of job settings"])
     return doc
@@ -213,6 +191,8 @@ def _parse_fields(doc: dict[Any, Any], base: Path, problems: list[str]) -> dict[
         "ecdh_curve": _ecdh_curve(doc.get("ecdh_curve"), protocol, problems),
         "link": parse_link_settings(doc.get("link"), problems),
         "timeout_s": _timeout_s(doc.get("timeout_s", _DEFAULTS["timeout_s"]), problems),
+        "stall_timeout_s": _stall_timeout_s(doc.get("stall_timeout_s"), problems),
+        "retries": _retries(doc.get("retries"), problems),
         "allow_duplicate_keys": _flag(doc, "allow_duplicate_keys", problems),
         "backend": _choice(doc, "backend", BACKENDS, problems),
         "api": _choice(doc, "api", APIS, problems),
@@ -226,21 +206,30 @@ def _unknown_keys(
 ) -> None:
     for key in mapping:
         if key not in allowed:
-            problems.append(f"{prefix}{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
+            guess = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = (
+                f"did you mean {guess[0]}?" if guess else f"allowed: {', '.join(sorted(allowed))}"
+            )
+            problems.append(f"{prefix}{key_text(key)}: unknown key ({hint})")
 
 
 def _job_id(value: Any, problems: list[str]) -> str | None:
-    job_id = _name(value)
-    if job_id is None:
+    if value is None:
         problems.append("job_id: required, e.g. job_id: demo-001")
-    elif not _ID.match(job_id):
-        problems.append("job_id: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric")
+        return None
+    job_id = _name(value)
+    if job_id is None or not _ID.fullmatch(job_id):
+        problems.append(
+            "job_id: use 1-64 letters, digits, '.', '_' or '-', starting alphanumeric, "
+            f"got {shown(value)}"
+        )
+        return None
     return job_id
 
 
 def _protocol(value: Any, problems: list[str]) -> str:
     if not isinstance(value, str) or value.upper() not in PROTOCOLS:
-        problems.append(f"protocol: must be one of {', '.join(PROTOCOLS)}, got {value!r}")
+        problems.append(f"protocol: must be one of {', '.join(PROTOCOLS)}, got {shown(value)}")
         return _DEFAULT_PROTOCOL
     return value.upper()
 
@@ -252,7 +241,7 @@ def _ecdh_curve(value: Any, protocol: str, problems: list[str]) -> str:
         if protocol != "ECDH":
             problems.append("ecdh_curve: only applies to protocol ECDH; remove it")
         elif not isinstance(value, str) or value.upper() not in CURVES:
-            problems.append(f"ecdh_curve: must be one of {', '.join(CURVES)}, got {value!r}")
+            problems.append(f"ecdh_curve: must be one of {', '.join(CURVES)}, got {shown(value)}")
     if isinstance(value, str) and value.upper() in CURVES:
         return value.upper()
     return _DEFAULTS["ecdh_curve"]
@@ -264,18 +253,24 @@ def _keys(value: Any, problems: list[str]) -> tuple[str, ...]:
             problems.append("keys: required, a list of key column names, e.g. keys: [uid]")
         else:
             problems.append(
-                f"keys: must be a list of key column names, e.g. keys: [uid], got {value!r}"
+                f"keys: must be a list of key column names, e.g. keys: [uid], got {shown(value)}"
             )
         return ()
-    keys: list[str] = []
+    keys: dict[str, None] = {}  # ordered, and O(1) to look up in a long list
     for i, item in enumerate(value):
         name = _name(item)
         if name is None or name == "":
-            problems.append(f"keys[{i}]: must be a column name, got {item!r}")
+            problems.append(f"keys[{i}]: must be a column name, got {shown(item)}")
+        elif bad := _bad_text(name):
+            problems.append(f"keys[{i}]: {bad}; a column name cannot hold one")
+        elif len(name) > KEY_NAME_MAX:
+            problems.append(
+                f"keys[{i}]: a column name has at most {KEY_NAME_MAX} characters, got {shown(name)}"
+            )
         elif name in keys:
-            problems.append(f"keys[{i}]: {name!r} is listed twice")
+            problems.append(f"keys[{i}]: {shown(name)} is listed twice")
         else:
-            keys.append(name)
+            keys[name] = None
     return tuple(keys)
 
 
@@ -283,32 +278,64 @@ def _receiver(value: Any, parties: dict[str, PartySpec], problems: list[str]) ->
     # Checked against the parties here rather than among the cross-field rules so that its
     # problem keeps its place in the report, right after the parties' own.
     receiver = _name(value)
-    if receiver is None:
+    if value is None:
         problems.append("receiver: required, the party that receives the result")
-    elif parties and receiver not in parties:
-        problems.append(f"receiver: {receiver!r} is not one of the parties ({', '.join(parties)})")
+    elif receiver is None or (parties and receiver not in parties):
+        problems.append(
+            f"receiver: {shown(value if receiver is None else receiver)} is not one of the "
+            f"parties ({', '.join(parties)})"
+        )
     return receiver
 
 
 def _flag(doc: dict[Any, Any], key: str, problems: list[str]) -> bool:
     value = doc.get(key, _DEFAULTS[key])
     if not isinstance(value, bool):
-        problems.append(f"{key}: must be true or false, got {value!r}")
+        problems.append(f"{key}: must be true or false, got {shown(value)}")
         return _DEFAULTS[key]
     return value
 
 
 def _timeout_s(value: Any, problems: list[str]) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        problems.append(f"timeout_s: must be a number of seconds > 0, got {value!r}")
+    # "not 0 < value <= max" also refuses NaN (every comparison with it is false) and infinity.
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0 < value <= TIMEOUT_MAX_S:
+        problems.append(
+            f"timeout_s: must be a number of seconds > 0 and at most {TIMEOUT_MAX_S} (a day), "
+            f"got {shown(value)}"
+        )
         return _DEFAULTS["timeout_s"]
+    return value
+
+
+def _stall_timeout_s(value: Any, problems: list[str]) -> float:
+    if value is None:
+        return _DEFAULTS["stall_timeout_s"]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (value == 0 or 1 <= value <= TIMEOUT_MAX_S):
+        problems.append(
+            f"stall_timeout_s: must be 0 (off) or a number of seconds from 1 to "
+            f"{TIMEOUT_MAX_S}, got {shown(value)}"
+        )
+        return _DEFAULTS["stall_timeout_s"]
+    return value
+
+
+def _retries(value: Any, problems: list[str]) -> int:
+    if value is None:
+        return _DEFAULTS["retries"]
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= RETRIES_MAX:
+        problems.append(
+            f"retries: must be a whole number from 0 to {RETRIES_MAX}, got {shown(value)}"
+        )
+        return _DEFAULTS["retries"]
     return value
 
 
 def _choice(doc: dict[Any, Any], key: str, allowed: tuple[str, ...], problems: list[str]) -> str:
     value = doc.get(key, _DEFAULTS[key])
     if not isinstance(value, str) or value.lower() not in allowed:
-        problems.append(f"{key}: must be one of {', '.join(allowed)}, got {value!r}")
+        problems.append(f"{key}: must be one of {', '.join(allowed)}, got {shown(value)}")
         return _DEFAULTS[key]
     return value.lower()
 
@@ -321,9 +348,10 @@ def _parties(value: Any, base: Path, problems: list[str]) -> dict[str, PartySpec
         problems.append(f"parties: exactly two parties are needed, found {len(value)}")
     result: dict[str, PartySpec] = {}
     for raw_name, settings in value.items():
-        path = f"parties.{raw_name}"
         name = _name(raw_name)
-        if name is None or not _PARTY.match(name):
+        valid = name is not None and _PARTY.fullmatch(name) is not None
+        path = f"parties.{name if valid else key_text(raw_name)}"
+        if not valid:
             problems.append(f"{path}: party names use 1-64 letters, digits, '.', '_' or '-'")
         elif name in result:  # 9999 and "9999" are the same party
             problems.append(f"{path}: party {name!r} appears twice")
@@ -389,9 +417,9 @@ def _broker(
     for prefix in ("http://", "https://"):
         text = text.removeprefix(prefix)
     text = text.rstrip("/")
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        problems.append(f"{path}: must be host:port, e.g. 127.0.0.1:{example}, got {value!r}")
+    address = _ADDRESS.fullmatch(text)
+    if address is None or not 0 < int(address[2]) < 65536:
+        problems.append(f"{path}: must be host:port, e.g. 127.0.0.1:{example}, got {shown(value)}")
         return None
     return text
 
@@ -402,8 +430,20 @@ def _path(value: Any, base: Path, path: str, problems: list[str]) -> Path | None
             f"{path}: required, a file path (relative paths start at the spec's folder)"
         )
         return None
-    p = Path(value.strip()).expanduser()
-    return (p if p.is_absolute() else base / p).resolve()
+    text = value.strip()
+    bad = _bad_text(text)
+    if bad:
+        problems.append(f"{path}: {bad}; a file path cannot hold one")
+        return None
+    if len(text.encode("utf-8")) >= PATH_MAX_BYTES:
+        problems.append(f"{path}: longer than {PATH_MAX_BYTES} bytes, got {shown(text)}")
+        return None
+    try:
+        p = Path(text).expanduser()
+        return (p if p.is_absolute() else base / p).resolve()
+    except (OSError, RuntimeError) as exc:  # "~nosuchuser/x", a symbolic link loop
+        problems.append(f"{path}: cannot resolve {shown(text)} ({shown(str(exc), 60)[1:-1]})")
+        return None
 
 
 # --- rules across fields -------------------------------------------------------------------
@@ -442,7 +482,7 @@ def _left_side_fits_join(values: dict[str, Any], doc: dict[Any, Any]) -> Iterato
     elif left_side is None or (parties and left_side not in parties):
         yield (
             f"left_side: must be one of the parties ({', '.join(parties)}), "
-            f"got {doc.get('left_side')!r}"
+            f"got {shown(doc.get('left_side'))}"
         )
 
 

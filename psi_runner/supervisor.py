@@ -14,34 +14,63 @@ import os
 import select
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from .errors import EngineCrashed, Interrupted, PsiRunError
+from .events import Events, parse_events
 from .logpump import LogPump
+from .workdir import create_private_tmp, remove_work_dir
 
 # After the child has exited, a process it started may still hold the pipe open.
 _DRAIN_QUIET_S = 0.5
 
 
-def run_supervised(child: Callable[[], int], log_fd: int) -> int:
-    """Run ``child()`` in a forked process whose output goes to ``log_fd``; its exit code.
+def run_supervised(
+    child: Callable[[Events], int],
+    log_fd: int,
+    on_event: Callable[[dict], None] = lambda event: None,
+    on_line: Callable[[bytes], None] = lambda line: None,
+) -> int:
+    """Run ``child(events)`` in a forked process whose output goes to ``log_fd``; its exit code.
 
-    Raises ``EngineCrashed`` when the child is killed by a signal."""
+    ``on_event`` gets the child's events (``events``), ``on_line`` every line of its output
+    (SPU's too). Raises ``EngineCrashed`` when the child is killed by a signal."""
+    private_tmp = create_private_tmp()
+    try:
+        return _supervise(child, log_fd, on_event, on_line, private_tmp)
+    finally:
+        remove_work_dir(private_tmp)
+
+
+def _supervise(
+    child: Callable[[Events], int],
+    log_fd: int,
+    on_event: Callable[[dict], None],
+    on_line: Callable[[bytes], None],
+    private_tmp: Path,
+) -> int:
     pipe_r, pipe_w = os.pipe()
+    events_r, events_w = os.pipe()
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child never returns from here
         code = PsiRunError.exit_code
         try:
             os.close(pipe_r)
+            os.close(events_r)
             os.close(log_fd)
             _die_with_parent(parent)
             _redirect_output(pipe_w)
-            code = child()
+            os.environ["TMPDIR"] = str(private_tmp)
+            tempfile.tempdir = None  # Python's tempfile reads TMPDIR again
+            code = child(Events(events_w))
         finally:
             os._exit(code)
     os.close(pipe_w)
+    os.close(events_w)
 
     def forward(signum: int, _frame: object) -> None:
         try:
@@ -51,7 +80,7 @@ def run_supervised(child: Callable[[], int], log_fd: int) -> int:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    status = _pump_until_exit(pid, pipe_r, log_fd)
+    status = _pump_until_exit(pid, pipe_r, events_r, log_fd, on_event, on_line)
     if os.WIFSIGNALED(status):
         name = signal.Signals(os.WTERMSIG(status)).name
         raise EngineCrashed(f"the PSI engine crashed ({name}); no result was written")
@@ -79,14 +108,31 @@ def _redirect_output(pipe_w: int) -> None:
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
 
 
-def _pump_until_exit(pid: int, pipe_r: int, log_fd: int) -> int:
-    """Copy the child's output into the log until it exits; its wait status."""
-    pump = LogPump(log_fd)
+def _pump_until_exit(
+    pid: int,
+    pipe_r: int,
+    events_r: int,
+    log_fd: int,
+    on_event: Callable[[dict], None],
+    on_line: Callable[[bytes], None],
+) -> int:
+    """Copy the child's output into the log and pass on its events until it exits; its wait
+    status."""
+    pump = LogPump(log_fd, on_line=on_line)
     status: int | None = None
     quiet_since: float | None = None
-    while True:
-        ready, _, _ = select.select([pipe_r], [], [], 0.2)
-        if ready:
+    pending = b""
+    readers = [pipe_r, events_r]
+    while pipe_r in readers:
+        ready, _, _ = select.select(readers, [], [], 0.2)
+        if events_r in ready:
+            data = os.read(events_r, 1 << 16)
+            if not data:
+                readers.remove(events_r)
+            events, pending = parse_events(pending + data)
+            for event in events:
+                on_event(event)
+        if pipe_r in ready:
             data = os.read(pipe_r, 1 << 16)
             if not data:
                 break  # every writer is gone
@@ -100,8 +146,10 @@ def _pump_until_exit(pid: int, pipe_r: int, log_fd: int) -> int:
             quiet_since = quiet_since or time.monotonic()
             if time.monotonic() - quiet_since > _DRAIN_QUIET_S:
                 break
+        on_event({"event": "tick"})
     pump.close()
     os.close(pipe_r)
+    os.close(events_r)
     os.close(log_fd)
     if status is None:
         _, status = os.waitpid(pid, 0)

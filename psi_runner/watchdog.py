@@ -5,8 +5,9 @@ gone, and its blackbox link polls a vanished broker in a tight loop. A backgroun
 ends the job with one readable line instead when
 
 * our own broker stays unreachable for ``broker_grace_s``;
-* the peer sends an abort notice (its side of the job failed), or
-* the peer's heartbeats stop for ``peer_silence_s`` (its process died).
+* the peer sends an abort notice (its side of the job failed);
+* the peer's heartbeats stop for ``peer_silence_s`` (its process died), or
+* neither side has made progress for ``stall_timeout_s`` (``stall``).
 
 Heartbeats and notices travel on the job's control channel and carry both handshake nonces,
 so messages of other runs are never taken for this peer's.
@@ -20,10 +21,12 @@ import threading
 import time
 from collections.abc import Callable
 
+from . import notice
 from .broker_client import check_broker
-from .errors import PreflightError
+from .errors import PeerError, PreflightError, PsiRunError, Stalled
 from .handshake import Agreement, control_channel
 from .spec import JobSpec
+from .stall import StallMeter
 
 log = logging.getLogger("psi_runner.watchdog")
 
@@ -31,16 +34,18 @@ BEAT_EVERY_S = 3.0
 
 
 class JobWatchdog:
-    """Calls ``abort(message)`` (from its thread) when the job cannot finish."""
+    """Calls ``abort(error)`` (from its thread) when the job cannot finish."""
 
     def __init__(
         self,
         spec: JobSpec,
         me: str,
         agreed: Agreement,
-        abort: Callable[[str], None],
+        abort: Callable[[PsiRunError], None],
         broker_grace_s: float = 20.0,
         peer_silence_s: float | None = None,
+        stall: StallMeter | None = None,
+        stall_timeout_s: float = 0.0,
     ) -> None:
         if peer_silence_s is None:
             peer_silence_s = float(os.environ.get("PSI_RUN_PEER_SILENCE_S", "90"))
@@ -51,6 +56,8 @@ class JobWatchdog:
         self.abort = abort
         self.broker_grace_s = broker_grace_s
         self.peer_silence_s = peer_silence_s
+        self.stall = stall
+        self.stall_timeout_s = stall_timeout_s
         self.channel = control_channel(spec, me)
         self._stop = threading.Event()
         self._threads = [
@@ -67,36 +74,24 @@ class JobWatchdog:
         self.stop()
 
     def stop(self) -> None:
-        """Stop watching and beating (idempotent); ``notify_failure`` still works."""
+        """Stop watching and beating (idempotent)."""
         self._stop.set()
 
-    def _message(self, kind: str, **extra: str) -> dict:
-        return {
-            "type": kind,
-            "party": self.me,
-            "nonce": self.agreed.nonce,
-            "to": self.agreed.peer_nonce,
-            **extra,
-        }
-
-    def notify_failure(self, reason: str) -> None:
-        """Tell the peer our side failed, so it stops now instead of at its timeout."""
-        try:
-            self.channel.push(self._message("abort", reason=reason[:500]))
-        except (OSError, ValueError):
-            log.warning("could not tell %s that the job failed", self.peer)
-
     def _beat(self) -> None:
+        beat = {"type": "beat", "party": self.me, "nonce": self.agreed.nonce,
+                "to": self.agreed.peer_nonce}  # fmt: skip
         while not self._stop.wait(BEAT_EVERY_S):
+            if self.stall is not None:
+                beat["idle_s"] = round(self.stall.own_idle_s(), 1)
             try:
-                self.channel.push(self._message("beat"))
+                self.channel.push(beat)
             except (OSError, ValueError):
                 pass  # the broker check reports a dead broker
 
-    def _fire(self, message: str) -> None:
+    def _fire(self, error: str | PsiRunError) -> None:
         if not self._stop.is_set():
             self._stop.set()
-            self.abort(message)
+            self.abort(error if isinstance(error, PsiRunError) else PeerError(error))
 
     def _watch(self) -> None:
         broker_down: float | None = None
@@ -107,6 +102,8 @@ class JobWatchdog:
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 2.0
+                if self._stalled():
+                    return self._fire(self._stall_error())
                 try:
                     check_broker(self.spec.parties[self.me].broker, self.me, timeout_s=2.0)
                     broker_down = None
@@ -135,8 +132,22 @@ class JobWatchdog:
             if msg.get("to") != self.agreed.nonce:
                 continue
             peer_seen = time.monotonic()
+            if self.stall is not None and msg.get("type") == "beat":
+                self.stall.peer_reported(msg.get("idle_s"))
             if msg.get("type") == "abort":
-                return self._fire(
-                    f"job {job}: {self.peer} stopped the job: "
-                    f"{msg.get('reason', 'no reason given')}"
-                )
+                return self._fire(notice.peer_failed(self.spec, msg))
+
+    def _stalled(self) -> bool:
+        if self.stall is None or self.stall_timeout_s <= 0:
+            return False
+        self.stall.sample()
+        return self.stall.stalled_for() >= self.stall_timeout_s
+
+    def _stall_error(self) -> Stalled:
+        assert self.stall is not None
+        return Stalled(
+            f"job {self.spec.job_id}: the PSI made no progress on either side for "
+            f"{self.stall_timeout_s:.0f} s (stalled in SPU stage {self.stall.stage()}); it was "
+            "stopped and no result was written; run the job again (stall_timeout_s in the spec "
+            "sets this limit)"
+        )

@@ -16,6 +16,17 @@ def _prefix(party: str) -> str:
     return f".psi-run-{party}-"
 
 
+def create_private_tmp() -> Path:
+    """A private (0700) temporary folder for this process and its children (``TMPDIR``).
+
+    Libraries write there instead of the shared system temp folder (jax leaves an empty folder
+    there on every import); the caller removes it at the end, and the next run removes those
+    of runs that were killed."""
+    system_tmp = Path(tempfile.gettempdir())
+    remove_stale_work_dirs(system_tmp, "tmp")
+    return Path(tempfile.mkdtemp(prefix=f"{_prefix('tmp')}{os.getpid()}-", dir=system_tmp))
+
+
 def create_work_dir(folder: Path, party: str) -> Path:
     """A new private folder (0700) for this process's run of ``party`` in ``folder``."""
     remove_stale_work_dirs(folder, party)

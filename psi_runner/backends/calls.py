@@ -25,6 +25,7 @@ curve (default CURVE_25519, as ``psi_csv``) and maps ``join: inner`` to the plai
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,8 @@ def v2_config(spec: JobSpec, party: str, call: PsiCall):
         config.output_attr.csv_null_rep = NULL_TEXT
     if spec.protocol == "ECDH":
         config.protocol_config.ecdh_config.curve = psi_pb2.CurveType.Value(spec.ecdh_curve)
+    # SPU writes its trace to /tmp unless told otherwise: keep it in the private work folder.
+    config.debug_options.trace_path = str(call.output_path.parent / "spu.trace")
     return config
 
 
@@ -116,6 +119,9 @@ def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], sessi
     Runs wherever the backend puts it, so it takes only picklable arguments."""
     from spu import psi as spu_psi
 
+    # SPU's scratch folder (sorted input, bucket stores, intersection indices) and its sort's
+    # spill files go to TMPDIR: make that the run's private work folder, removed at the end.
+    os.environ["TMPDIR"] = str(call.output_path.parent)
     t0 = time.monotonic()
     try:
         lctx = create_blackbox_link(spec.link, spec.party_names, party, session, env)
