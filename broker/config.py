@@ -99,6 +99,7 @@ _KEYS: dict[str, tuple[str, object]] = {
     "queue.max.session.bytes": ("queue_max_session_bytes", _positive),
     "relay.max.hops": ("relay_max_hops", _positive),
     "auth.token": ("auth_token", str.strip),
+    "memory.trim.interval": ("memory_trim_interval_ms", _non_negative),
     "log.dir": ("log_dir", str.strip),
 }
 
@@ -162,6 +163,7 @@ class BrokerConfig:
     queue_max_session_bytes: int = 1024 * 1024 * 1024
     relay_max_hops: int = 8
     auth_token: str | None = field(default=None, repr=False)
+    memory_trim_interval_ms: int = 10_000
     log_dir: str | None = None
     ignored_keys: tuple[str, ...] = ()
     unknown_keys: tuple[str, ...] = ()

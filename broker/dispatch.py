@@ -11,11 +11,10 @@ import hmac
 import logging
 import time
 from collections import Counter
-from collections.abc import Mapping
 
 from . import codes
 from .config import BrokerConfig
-from .envelope import SESSION, TOPIC, Envelope, EnvelopeError, check_name
+from .envelope import SESSION, Envelope, EnvelopeError
 from .flowlog import flow
 from .forward import Forwarder
 from .queues import Message, QueueKey, QueueStore
@@ -54,25 +53,25 @@ class Dispatcher:
         else:
             self.counters[f"errors|{code}"] += 1
 
-    def queue_key(self, headers: Mapping[str, str]) -> QueueKey:
-        """The queue a pop or peek names; raise EnvelopeError naming a bad header."""
-        env = Envelope.from_headers(headers, need_target=False, default_node=self.default_node())
+    def queue_key(self, env: Envelope) -> QueueKey:
+        """The queue a pop or peek names; raise EnvelopeError naming a missing header."""
+        env = env.require(target=False, default_node=self.default_node())
         return QueueKey(env.session, env.source_node, env.topic)
 
     async def deliver(
         self,
-        headers: Mapping[str, str],
+        env: Envelope,
         payload: bytes,
         *,
         protocol: str,
         peer_addr: str,
         from_network: bool,
     ) -> tuple[str, str]:
-        """Store or forward one message (push or invoke); return (code, message) for the sender."""
-        try:
-            env = Envelope.from_headers(headers)
-        except EnvelopeError as exc:
-            return codes.BAD_REQUEST, str(exc)
+        """Store or forward one message (push or invoke); return (code, message) for the sender.
+
+        ``env`` comes from the edge (its values passed their rules); raise EnvelopeError when
+        it lacks a header a message needs."""
+        env = env.require()
         outcome = _Outcome(self, env, protocol, len(payload))
         table = self.routes.table
         code, reason = self._refusal(env, outcome.size, from_network)
@@ -134,27 +133,23 @@ class Dispatcher:
             )
         return message
 
-    def peek(self, headers: Mapping[str, str], *, protocol: str) -> tuple[str, str, Message | None]:
-        """Look at the next message of the queue ``headers`` name without taking it.
+    def peek(self, env: Envelope, *, protocol: str) -> tuple[str, str, Message | None]:
+        """Look at the next message of the queue ``env`` names without taking it.
 
-        Returns (code, message, the queued message or None) for the caller."""
-        try:
-            key = self.queue_key(headers)
-        except EnvelopeError as exc:
-            return codes.BAD_REQUEST, str(exc), None
+        Returns (code, message, the queued message or None) for the caller; raises
+        EnvelopeError when a header is missing."""
+        key = self.queue_key(env)
         message = self.queues.peek(key)
         code, text = (codes.NOT_FOUND, "no message yet") if message is None else (codes.OK, "")
         flow(protocol, "PEEK", session=key.session, topic=key.topic, des=key.node, code=code)
         return code, text, message
 
-    def release(self, session: str, topic: str | None, *, protocol: str) -> tuple[str, str]:
-        """Drop a session's queues (only ``topic``'s, if given); return (code, message)."""
-        try:
-            check_name(SESSION, session)
-            if topic is not None:
-                check_name(TOPIC, topic)
-        except EnvelopeError as exc:
-            return codes.BAD_REQUEST, str(exc)
+    def release(self, env: Envelope, *, protocol: str) -> tuple[str, str]:
+        """Drop ``env``'s session's queues (only its topic's, if it names one); return
+        (code, message). Raises EnvelopeError without a session."""
+        if not env.session:
+            raise EnvelopeError(f"header {SESSION} is missing")
+        session, topic = env.session, env.topic or None
         count = self.queues.release(session, topic=topic)
         flow(
             protocol,

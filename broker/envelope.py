@@ -1,15 +1,19 @@
-"""PTP headers of one message, and their validation.
+"""PTP headers of one message: their names, the rule each value meets, and the envelope.
 
-The same headers travel as HTTP headers (PTP over HTTP/1.1) and as gRPC call metadata, so one
-parser serves both. Names received from the network are checked against a strict pattern:
-they key in-memory queues only and can never choose a file path.
+The same headers travel as HTTP headers (PTP over HTTP/1.1), as gRPC call metadata and in the
+``metadata`` map of a gRPC message, so one parser serves all three: :meth:`Envelope.parse`
+takes the raw (name, value) pairs as each front end receives them and applies the rules of
+:mod:`broker.edge`. Which headers an operation needs is checked afterwards, by
+:meth:`Envelope.require`.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
+
+from . import codes, edge
 
 TOPIC = "x-ptp-topic"
 SESSION = "x-ptp-session-id"
@@ -21,19 +25,40 @@ TRACE_ID = "x-ptp-trace-id"
 TOKEN = "x-ptp-token"
 HOPS = "x-ptp-hops"  # psi-run extension: brokers passed so far, to stop relay loops
 
-_NAME = re.compile(r"^[A-Za-z0-9._:@#=+\-]{1,256}$")
+# header -> (Envelope field, the edge rule for its value)
+_RULES: dict[str, tuple[str, Callable[[str, str | bytes], object]]] = {
+    SESSION: ("session", edge.name),
+    TOPIC: ("topic", edge.name),
+    SOURCE_NODE: ("source_node", edge.name),
+    TARGET_NODE: ("target_node", edge.name),
+    SOURCE_INST: ("source_inst", edge.text),
+    TARGET_INST: ("target_inst", edge.text),
+    TRACE_ID: ("trace_id", edge.text),
+    # A token that breaks the rules is refused as a wrong token is.
+    TOKEN: ("token", partial(edge.text, code=codes.UNAUTHORIZED)),
+    HOPS: ("hops", partial(edge.whole_number, max_digits=edge.HOPS_MAX_DIGITS)),
+}
+
+Pairs = Iterable[tuple[str | bytes, str | bytes]]
 
 
-class EnvelopeError(ValueError):
-    """A header is missing or malformed; the message says which."""
+class EnvelopeError(edge.Refusal):
+    """A header the operation needs is missing; the message says which."""
+
+
+def _header(key: str | bytes) -> str:
+    # Header names are ASCII tokens; anything else simply matches no PTP header.
+    return (key.decode("latin-1") if isinstance(key, bytes) else key).lower()
 
 
 @dataclass(frozen=True)
 class Envelope:
-    session: str
-    topic: str
-    source_node: str
-    target_node: str
+    """The PTP headers of one request, each one checked by its rule ("" when absent)."""
+
+    session: str = ""
+    topic: str = ""
+    source_node: str = ""
+    target_node: str = ""
     source_inst: str = ""
     target_inst: str = ""
     trace_id: str = ""
@@ -41,34 +66,38 @@ class Envelope:
     hops: int = 0
 
     @classmethod
-    def from_headers(
-        cls, headers: Mapping[str, str], *, need_target: bool = True, default_node: str = ""
-    ) -> Envelope:
-        """Build from x-ptp-* headers; raise EnvelopeError naming a bad header."""
+    def parse(cls, *sources: Pairs) -> Envelope:
+        """The PTP headers among ``sources``, raw (name, value) pairs; a later source's
+        value wins over an earlier one's. Other headers are ignored. Raise ``edge.Refusal``
+        naming the first header whose value breaks its rule or that a source repeats."""
+        values: dict[str, object] = {}
+        for source in sources:
+            seen: set[str] = set()
+            for key, raw in source:
+                header = _header(key)
+                rule = _RULES.get(header)
+                if rule is None:
+                    continue
+                if header in seen:
+                    raise edge.Refusal(f"header {header} is given more than once")
+                seen.add(header)
+                name, parse = rule
+                value = parse(f"header {header}", raw)
+                if value:
+                    values[name] = value
+        return cls(**values)  # type: ignore[arg-type]
 
-        def get(name: str) -> str:
-            return (headers.get(name) or "").strip()
-
-        session, topic = get(SESSION), get(TOPIC)
-        source, target = get(SOURCE_NODE) or default_node, get(TARGET_NODE)
-        for name, value in ((SESSION, session), (TOPIC, topic), (SOURCE_NODE, source)):
-            check_name(name, value)
-        if need_target:
-            check_name(TARGET_NODE, target)
-        hops_text = get(HOPS) or "0"
-        if not hops_text.isdigit():
-            raise EnvelopeError(f"header {HOPS} must be a whole number")
-        return cls(
-            session=session,
-            topic=topic,
-            source_node=source,
-            target_node=target,
-            source_inst=get(SOURCE_INST),
-            target_inst=get(TARGET_INST),
-            trace_id=get(TRACE_ID),
-            token=get(TOKEN),
-            hops=int(hops_text),
-        )
+    def require(self, *, target: bool = True, default_node: str = "") -> Envelope:
+        """This envelope, its source node defaulted to ``default_node``; raise
+        EnvelopeError naming a header a push (``target``) or a pop/peek needs and lacks."""
+        env = self if self.source_node else replace(self, source_node=default_node)
+        needed = [(SESSION, env.session), (TOPIC, env.topic), (SOURCE_NODE, env.source_node)]
+        if target:
+            needed.append((TARGET_NODE, env.target_node))
+        for header, value in needed:
+            if not value:
+                raise EnvelopeError(f"header {header} is missing")
+        return env
 
     def headers(self) -> dict[str, str]:
         """The x-ptp-* headers for sending this message on."""
@@ -91,13 +120,3 @@ class Envelope:
 
     def next_hop(self) -> Envelope:
         return replace(self, hops=self.hops + 1)
-
-
-def check_name(header: str, value: str) -> None:
-    """Raise EnvelopeError unless ``value`` is a safe session/topic/node name."""
-    if not value:
-        raise EnvelopeError(f"header {header} is missing")
-    if not _NAME.match(value):
-        raise EnvelopeError(
-            f"header {header} must be 1-256 characters of letters, digits and ._:@#=+-"
-        )

@@ -19,6 +19,7 @@ import grpc
 from . import codes
 from .envelope import Envelope
 from .proto import http_ptp_pb2, ptp_pb2, ptp_pb2_grpc
+from .refusals import short
 from .routes import Route
 
 log = logging.getLogger("broker.forward")
@@ -30,6 +31,10 @@ class _Unreachable(Exception):
 
 class _BadRoute(Exception):
     """The route's TLS settings cannot work; the sender is told at once, no retries."""
+
+
+class _Stale(Exception):
+    """The route's client was closed while a message was on its way; a new one is made."""
 
 
 def _check_client_tls(route: Route, key_in_cert_ok: bool = False) -> None:
@@ -102,6 +107,8 @@ class _GrpcHop:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise _Unreachable(exc.details() or exc.code().name) from None
             return codes.INTERNAL, f"gRPC {exc.code().name}: {exc.details()}"
+        except grpc.aio.UsageError as exc:  # the channel was closed under us (stop, route edit)
+            raise _Stale(str(exc)) from None
         return reply.code or codes.OK, reply.message
 
     async def close(self) -> None:
@@ -137,6 +144,12 @@ class _HttpHop:
                 status = resp.status
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise _Unreachable(str(exc) or type(exc).__name__) from None
+        except aiohttp.ClientResponseError as exc:  # it answered, but not in HTTP
+            return codes.INTERNAL, f"{self.url} did not answer in HTTP ({short(exc.message)})"
+        except RuntimeError as exc:
+            if self._session.closed:  # closed under us (stop, route edit)
+                raise _Stale(str(exc)) from None
+            raise
         if status != 200:
             return codes.INTERNAL, f"HTTP {status} from {self.url}"
         reply = http_ptp_pb2.TransportOutbound()
@@ -190,14 +203,25 @@ class Forwarder:
             for route in routes:
                 hop_env = replace(env, token=route.token) if route.token else env
                 try:
-                    code, message = await self._hop(route).send(
-                        hop_env, payload, self.call_timeout_s
-                    )
+                    hop = self._hop(route)
+                    code, message = await hop.send(hop_env, payload, self.call_timeout_s)
                     return code, message, route
                 except _Unreachable as exc:
                     last_error = f"{route.target}: {exc}"
+                except _Stale as exc:
+                    if self._hops.get(route) is hop:
+                        del self._hops[route]
+                    last_error = f"{route.target}: {exc}"
                 except (OSError, _BadRoute) as exc:  # e.g. a TLS file that went missing
                     return codes.INTERNAL, f"{route.target}: {exc}", route
+                except Exception as exc:  # noqa: BLE001 - the sender gets a code, not our crash
+                    # A call that could not even start (its client refused the message).
+                    log.warning("sending to %s failed: %s", route.target, short(repr(exc)))
+                    return (
+                        codes.INTERNAL,
+                        f"{route.target}: could not send ({short(str(exc))})",
+                        route,
+                    )
             if time.monotonic() + delay > deadline:
                 return (
                     codes.PEER_UNREACHABLE,

@@ -1,36 +1,65 @@
 """PTP over gRPC: OSX's ``PrivateTransferProtocol`` and ``PrivateTransferTransport``.
 
 PTP headers travel as call metadata (``x-ptp-session-id``, ``x-ptp-topic``, ...); entries of
-the message's own ``metadata`` map fill in any the call metadata lacks.
+the message's own ``metadata`` map fill in any the call metadata lacks. Both are parsed by the
+rules of :mod:`broker.edge`, and so are the messages themselves: bytes that do not decode are
+not grpc's problem (it would answer ``UNKNOWN`` and log a traceback) but a refusal like any
+other, answered with a PTP code in the method's own answer type.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from . import codes
+from . import codes, edge
 from .dispatch import Dispatcher
-from .envelope import SESSION, TOPIC, EnvelopeError
-from .proto import ptp_pb2, ptp_pb2_grpc
+from .envelope import TOPIC, Envelope
+from .proto import ptp_pb2
 from .queues import Message
+from .refusals import RefusalLog
 
 log = logging.getLogger("broker.grpc")
 
+_PROTOCOL = "org.ppc.ptp.PrivateTransferProtocol"
+_TRANSPORT = "org.ppc.ptp.PrivateTransferTransport"
 
-def _headers(
-    context: grpc.aio.ServicerContext, extra: Mapping[str, str] = {}, topic: str = ""
-) -> dict[str, str]:
-    """PTP headers of a call: its metadata, over ``extra`` (the message's map), under ``topic``."""
-    merged = {k.lower(): v for k, v in extra.items()}
-    for key, value in context.invocation_metadata() or ():
-        if isinstance(value, str):
-            merged[key.lower()] = value
+
+class _Undecodable:
+    """Stands in for a request message whose bytes did not parse."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(message_type):
+    """A request deserializer that never raises: bad bytes become an _Undecodable."""
+    name = message_type.DESCRIPTOR.name
+
+    def parse(raw: bytes):
+        try:
+            return message_type.FromString(raw)
+        except Exception as exc:  # noqa: BLE001 - whatever the parser says, the bytes are at fault
+            return _Undecodable(f"request is not a valid {name} message ({exc})")
+
+    return parse
+
+
+def _decoded(request):
+    if isinstance(request, _Undecodable):
+        raise edge.Refusal(request.reason)
+    return request
+
+
+def _envelope(context: grpc.aio.ServicerContext, message_metadata=None, topic: str = ""):
+    """PTP headers of a call: its metadata, over the message's map, under the ``topic`` field."""
+    sources = [message_metadata.items() if message_metadata else (), context.invocation_metadata()]
     if topic:
-        merged[TOPIC] = topic
-    return merged
+        sources.append(((TOPIC, topic),))
+    return Envelope.parse(*sources)
 
 
 def _outbound(
@@ -44,35 +73,64 @@ def _outbound(
     )
 
 
-class _Protocol(ptp_pb2_grpc.PrivateTransferProtocolServicer):
-    def __init__(self, d: Dispatcher, protocol: str) -> None:
+class _Edge:
+    """Turns a refusal into the method's answer (and one rate-limited line); a bug, into a
+    PTP 500 with its traceback in the log. grpc itself would answer ``UNKNOWN``."""
+
+    def __init__(self, refusals: RefusalLog) -> None:
+        self.refusals = refusals
+
+    def answer(self, exc: Exception, context, where: str, answer_type):
+        if isinstance(exc, edge.Refusal):
+            self.refusals.note(context.peer(), where, exc.reason)
+            return answer_type(code=exc.code, message=exc.reason)
+        log.error("grpc %s failed", where, exc_info=exc)
+        return answer_type(code=codes.INTERNAL, message=codes.DESCRIPTIONS[codes.INTERNAL])
+
+    def unary(self, where: str, answer_type, fn: Callable[..., Awaitable]):
+        @functools.wraps(fn)
+        async def handler(request, context):
+            try:
+                return await fn(_decoded(request), context)
+            except Exception as exc:  # noqa: BLE001 - every failure gets a PTP answer
+                return self.answer(exc, context, where, answer_type)
+
+        return handler
+
+
+class _Protocol:
+    def __init__(self, d: Dispatcher, protocol: str, edge_: _Edge) -> None:
         self.d = d
         self.protocol = protocol
+        self.edge = edge_
 
-    async def _one(self, request: ptp_pb2.Inbound, headers: dict[str, str], peer: str):
+    async def _one(self, request: ptp_pb2.Inbound, env: Envelope, peer: str):
         code, message = await self.d.deliver(
-            headers, request.payload, protocol=self.protocol, peer_addr=peer, from_network=True
+            env, request.payload, protocol=self.protocol, peer_addr=peer, from_network=True
         )
         return ptp_pb2.Outbound(code=code, message=message)
 
     async def invoke(self, request, context):
-        return await self._one(request, _headers(context, request.metadata), context.peer())
+        return await self._one(request, _envelope(context, request.metadata), context.peer())
 
     async def transport(self, request_iterator, context) -> AsyncIterator[ptp_pb2.Outbound]:
-        call_headers = _headers(context)
+        """One answer per message; a refused message does not end the stream."""
         async for request in request_iterator:
-            headers = {**{k.lower(): v for k, v in request.metadata.items()}, **call_headers}
-            yield await self._one(request, headers, context.peer())
+            try:
+                request = _decoded(request)
+                yield await self._one(request, _envelope(context, request.metadata), context.peer())
+            except Exception as exc:  # noqa: BLE001 - every failure gets a PTP answer
+                yield self.edge.answer(exc, context, f"{self.protocol} transport", ptp_pb2.Outbound)
 
 
-class _Transport(ptp_pb2_grpc.PrivateTransferTransportServicer):
+class _Transport:
     def __init__(self, d: Dispatcher, protocol: str) -> None:
         self.d = d
         self.protocol = protocol
 
     async def push(self, request, context):
         code, message = await self.d.deliver(
-            _headers(context, request.metadata, request.topic),
+            _envelope(context, request.metadata, request.topic),
             request.payload,
             protocol=self.protocol,
             peer_addr=context.peer(),
@@ -81,15 +139,9 @@ class _Transport(ptp_pb2_grpc.PrivateTransferTransportServicer):
         return _outbound(code, message)
 
     async def pop(self, request, context):
-        try:
-            key = self.d.queue_key(_headers(context, topic=request.topic))
-        except EnvelopeError as exc:
-            return _outbound(codes.BAD_REQUEST, str(exc))
-        timeout = (
-            request.timeout
-            if request.timeout > 0
-            else (self.d.cfg.consume_msg_waiting_timeout_ms / 1000)
-        )
+        key = self.d.queue_key(_envelope(context, topic=request.topic))
+        default_s = self.d.cfg.consume_msg_waiting_timeout_ms / 1000
+        timeout = edge.pop_timeout(request.timeout, default_s)
         message = await self.d.pop(key, timeout, protocol=self.protocol)
         if message is None:
             return _outbound(codes.NOT_FOUND, "no message yet")
@@ -97,17 +149,52 @@ class _Transport(ptp_pb2_grpc.PrivateTransferTransportServicer):
 
     async def peek(self, request, context):
         return _outbound(
-            *self.d.peek(_headers(context, topic=request.topic), protocol=self.protocol)
+            *self.d.peek(_envelope(context, topic=request.topic), protocol=self.protocol)
         )
 
     async def release(self, request, context):
-        session = _headers(context).get(SESSION, "")
-        return _outbound(*self.d.release(session, request.topic or None, protocol=self.protocol))
+        env = _envelope(context, topic=request.topic)
+        return _outbound(*self.d.release(env, protocol=self.protocol))
 
 
-def add_services(server: grpc.aio.Server, d: Dispatcher, protocol: str = "grpc") -> None:
-    ptp_pb2_grpc.add_PrivateTransferProtocolServicer_to_server(_Protocol(d, protocol), server)
-    ptp_pb2_grpc.add_PrivateTransferTransportServicer_to_server(_Transport(d, protocol), server)
+def add_services(
+    server: grpc.aio.Server,
+    d: Dispatcher,
+    protocol: str = "grpc",
+    refusals: RefusalLog | None = None,
+) -> None:
+    """Serve both PTP services on ``server``, with request parsing that cannot fail."""
+    edge_ = _Edge(refusals or RefusalLog())
+    proto, trans = _Protocol(d, protocol, edge_), _Transport(d, protocol)
+    out, tout = ptp_pb2.Outbound, ptp_pb2.TransportOutbound
+
+    def unary(fn, request_type, answer_type):
+        return grpc.unary_unary_rpc_method_handler(
+            edge_.unary(f"{protocol} {fn.__name__}", answer_type, fn),
+            request_deserializer=_lenient(request_type),
+            response_serializer=answer_type.SerializeToString,
+        )
+
+    protocol_methods = {
+        "invoke": unary(proto.invoke, ptp_pb2.Inbound, out),
+        "transport": grpc.stream_stream_rpc_method_handler(
+            proto.transport,
+            request_deserializer=_lenient(ptp_pb2.Inbound),
+            response_serializer=out.SerializeToString,
+        ),
+    }
+    transport_methods = {
+        "push": unary(trans.push, ptp_pb2.PushInbound, tout),
+        "pop": unary(trans.pop, ptp_pb2.PopInbound, tout),
+        "peek": unary(trans.peek, ptp_pb2.PeekInbound, tout),
+        "release": unary(trans.release, ptp_pb2.ReleaseInbound, tout),
+    }
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(_PROTOCOL, protocol_methods),
+            grpc.method_handlers_generic_handler(_TRANSPORT, transport_methods),
+        )
+    )
 
 
 def server_options(d: Dispatcher) -> list[tuple[str, int]]:

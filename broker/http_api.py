@@ -8,8 +8,10 @@ Under ``http.context.path`` (default ``/v1``)::
     POST /interconn/chan/release    drop the session's queues (x-ptp-topic narrows it)
     POST /interconn/chan/invoke     a message from another broker
 
-Every answer is HTTP 200 with a protobuf ``TransportOutbound {payload=1, code=2, message=3}``.
-Outside the context path: ``GET /health`` and ``GET /metrics`` (Prometheus text).
+Every answer is HTTP 200 with a protobuf ``TransportOutbound {payload=1, code=2, message=3}``,
+refusals included: headers and the pop timeout are parsed from the raw request by the rules of
+:mod:`broker.edge`, and a value that breaks them is answered with its PTP code. Outside the
+context path: ``GET /health`` and ``GET /metrics`` (Prometheus text).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import logging
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from . import codes
+from . import codes, edge
 from .dispatch import Dispatcher
-from .envelope import SESSION, TOPIC, EnvelopeError
+from .envelope import Envelope
 from .metrics import render_metrics
 from .proto.http_ptp_pb2 import TransportOutbound
 from .queues import QueueKey
+from .refusals import RefusalLog
 
 log = logging.getLogger("broker.http")
 _CONTENT_TYPE = "application/x-protobuf"
@@ -42,16 +46,24 @@ def _peer(request: web.Request) -> str:
     return f"{peer[0]}:{peer[1]}" if peer else ""
 
 
+def _envelope(request: web.Request) -> Envelope:
+    # The raw bytes, not aiohttp's decoded copy (which keeps bad UTF-8 as lone surrogates).
+    return Envelope.parse(request.raw_headers)
+
+
 class HttpApi:
     """aiohttp handlers bound to one Dispatcher."""
 
-    def __init__(self, dispatcher: Dispatcher, protocol: str = "http") -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, protocol: str = "http", refusals: RefusalLog | None = None
+    ) -> None:
         self.d = dispatcher
         self.protocol = protocol
+        self.refusals = refusals or RefusalLog()
 
     def app(self) -> web.Application:
         cfg = self.d.cfg
-        app = web.Application(client_max_size=cfg.message_max_size + 1024)
+        app = web.Application(client_max_size=cfg.message_max_size + 1024, middlewares=[self._edge])
         base = cfg.http_context_path + "/interconn/chan/"
         app.router.add_post(base + "push", self.push)
         app.router.add_post(base + "pop", self.pop)
@@ -62,10 +74,41 @@ class HttpApi:
         app.router.add_get("/metrics", self.metrics)
         return app
 
+    @web.middleware
+    async def _edge(self, request: web.Request, handler) -> web.StreamResponse:
+        """Every refusal becomes a PTP answer and one rate-limited line; a bug, a PTP 500."""
+        try:
+            return await handler(request)
+        except edge.Refusal as exc:
+            where = f"{self.protocol} {request.path.rsplit('/', 1)[-1]}"
+            self.refusals.note(_peer(request), where, exc.reason)
+            return _answer(exc.code, exc.reason)
+        except web.HTTPException:
+            raise  # aiohttp's own answers: 404 and 405 for paths and methods not served
+        except ConnectionError:
+            # The client left; there is nobody to answer and nothing is wrong with the broker.
+            log.debug("client %s left before its %s was answered", _peer(request), request.path)
+            raise
+        except Exception:
+            log.exception("%s %s failed", self.protocol, request.path)
+            return _answer(codes.INTERNAL, codes.DESCRIPTIONS[codes.INTERNAL])
+
+    async def _body(self, request: web.Request) -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise edge.Refusal(
+                f"message is over message.max.size ({self.d.cfg.message_max_size} bytes)",
+                codes.TOO_LARGE,
+            ) from None
+        except HttpProcessingError as exc:  # a body that breaks its own framing
+            raise edge.Refusal(f"malformed body: {exc.message}") from None
+
     async def _deliver(self, request: web.Request, from_network: bool) -> web.Response:
+        env = _envelope(request)
         code, message = await self.d.deliver(
-            request.headers,
-            await request.read(),
+            env,
+            await self._body(request),
             protocol=self.protocol,
             peer_addr=_peer(request),
             from_network=from_network,
@@ -78,12 +121,9 @@ class HttpApi:
     async def invoke(self, request: web.Request) -> web.Response:
         return await self._deliver(request, from_network=True)
 
-    async def pop(self, request: web.Request) -> web.Response:
-        try:
-            key = self.d.queue_key(request.headers)
-            timeout = self._timeout(request)
-        except (EnvelopeError, ValueError) as exc:
-            return _answer(codes.BAD_REQUEST, str(exc))
+    async def pop(self, request: web.Request) -> web.StreamResponse:
+        key = self.d.queue_key(_envelope(request))
+        timeout = self._timeout(request)
         started = time.monotonic()
         # Answer a little before the client's own deadline: SPU's link gives a pop of N s only
         # N + 1 s, and a message answered after the client gave up would be lost.
@@ -117,22 +157,18 @@ class HttpApi:
         return resp
 
     def _timeout(self, request: web.Request) -> float:
-        raw = request.query.get("timeout")
-        if raw is None or raw == "":
-            return self.d.cfg.consume_msg_waiting_timeout_ms / 1000
-        value = float(raw)
-        if value < 0:
-            raise ValueError("timeout must be >= 0 seconds")
-        return value
+        values = request.rel_url.query.getall("timeout", [])
+        if len(values) > 1:
+            raise edge.Refusal("pop timeout is given more than once")
+        default_s = self.d.cfg.consume_msg_waiting_timeout_ms / 1000
+        return edge.pop_timeout(values[0] if values else "", default_s)
 
     async def peek(self, request: web.Request) -> web.Response:
-        code, text, message = self.d.peek(request.headers, protocol=self.protocol)
+        code, text, message = self.d.peek(_envelope(request), protocol=self.protocol)
         return _answer(code, text, message.payload if message else b"")
 
     async def release(self, request: web.Request) -> web.Response:
-        session = (request.headers.get(SESSION) or "").strip()
-        topic = (request.headers.get(TOPIC) or "").strip() or None
-        return _answer(*self.d.release(session, topic, protocol=self.protocol))
+        return _answer(*self.d.release(_envelope(request), protocol=self.protocol))
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response(

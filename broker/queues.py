@@ -100,12 +100,18 @@ class QueueStore:
         return message
 
     async def pop(self, key: QueueKey, timeout_s: float) -> Message | None:
-        """The oldest message, waiting up to ``timeout_s``; None when none came."""
-        q = self._get(key)
-        if q.messages:
+        """The oldest message, waiting up to ``timeout_s``; None when none came.
+
+        A queue that is empty once the pop ends is dropped: pops naming sessions that never
+        come (a careless or hostile client) must not leave a queue each for
+        ``queue.max.free.time``."""
+        q = self._queues.get(key)
+        if q is not None and q.messages:
+            q.last_used = time.monotonic()
             return self._take(key, q)
         if timeout_s <= 0:
             return None
+        q = self._get(key)
         waiter: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
         q.waiters.append(waiter)
         try:
@@ -125,6 +131,8 @@ class QueueStore:
             except ValueError:
                 pass
             q.last_used = time.monotonic()
+            if not q.messages and not q.waiters and self._queues.get(key) is q:
+                del self._queues[key]
 
     def requeue(self, key: QueueKey, message: Message) -> None:
         """Put back a popped message whose consumer vanished before receiving it."""

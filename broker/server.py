@@ -20,12 +20,16 @@ from .dispatch import Dispatcher
 from .errors import BrokerError
 from .grpc_api import add_services, server_options
 from .http_api import HttpApi
+from .memory import release_free_memory
+from .refusals import LibraryLogFilter, RefusalLog
 from .routes import RouteTableFile
 
 log = logging.getLogger("broker.server")
 
 GRACE_S = 5.0
 _CANCEL_MARGIN_S = 1.0
+# Where grpc's Cython layer logs requests it could not take (metadata that is not UTF-8).
+_GRPC_LOGGER = "grpc._cython.cygrpc"
 
 
 class State(enum.Enum):
@@ -49,13 +53,16 @@ class Broker:
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
+        self.refusals = RefusalLog()
+        self._grpc_filter = LibraryLogFilter(self.refusals, "grpc request")
 
     async def start(self) -> None:
         cfg = self.cfg
         host = cfg.bind_host
         tls_host = cfg.tls_bind_host or host  # tls.bind.host: only the TLS ports face outside
+        logging.getLogger(_GRPC_LOGGER).addFilter(self._grpc_filter)
         server = grpc.aio.server(options=server_options(self.dispatcher))
-        add_services(server, self.dispatcher)
+        add_services(server, self.dispatcher, refusals=self.refusals)
         port = _bind(server.add_insecure_port, host, cfg.grpc_port, "grpc.port")
         self.addresses["grpc"] = f"{host}:{port}"
         if cfg.open_grpc_tls_server:
@@ -80,15 +87,34 @@ class Broker:
         self._tasks = [
             asyncio.create_task(self._every(cfg.route_reload_interval_ms, d.reload_routes)),
             asyncio.create_task(self._every(cfg.queue_check_interval_ms, d.expire_queues)),
+            asyncio.create_task(self._every(1000, self.refusals.flush)),
         ]
+        if cfg.memory_trim_interval_ms:
+            trim = self._every(cfg.memory_trim_interval_ms, release_free_memory)
+            self._tasks.append(asyncio.create_task(trim))
         self.state = State.RUNNING
         for name, addr in self.addresses.items():
             log.info("listening: %s on %s", name, addr)
 
     async def _start_http(self, host: str, port: int, ssl_ctx) -> str:
         protocol = "https" if ssl_ctx else "http"
-        app = HttpApi(self.dispatcher, protocol).app()
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=GRACE_S)
+        app = HttpApi(self.dispatcher, protocol, self.refusals).app()
+        # aiohttp logs each request it cannot parse with a traceback at ERROR; this logger
+        # makes each one a short, rate-limited refusal line instead.
+        server_log = logging.getLogger(f"broker.{protocol}.server")
+        for old in list(server_log.filters):  # a broker started earlier in this process
+            server_log.removeFilter(old)
+        server_log.addFilter(LibraryLogFilter(self.refusals, f"{protocol} request"))
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=GRACE_S,
+            logger=server_log,
+            # A pop whose client hung up ends at once (its message, if any, stays queued)
+            # instead of holding memory until its timeout.
+            handler_cancellation=True,
+        )
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ssl_ctx, backlog=1024)
         await site.start()
@@ -135,6 +161,8 @@ class Broker:
             await self._drain(draining)
             await self.dispatcher.forwarder.close()
         finally:
+            self.refusals.flush(final=True)
+            logging.getLogger(_GRPC_LOGGER).removeFilter(self._grpc_filter)
             # Set even if a front end failed to drain: serve() must return so the process exits.
             self.state = State.STOPPED
             log.info("stopped")
