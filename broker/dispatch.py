@@ -10,7 +10,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 
 from . import codes
 from .config import BrokerConfig
@@ -20,6 +20,10 @@ from .forward import Forwarder
 from .queues import Message, QueueKey, QueueStore
 from .routes import DEFAULT_PARTY, RouteTableFile
 
+SESSIONS_COUNTED = 10_000  # sessions whose traffic /v1/interconn/chan/traffic can tell
+# yacl's link sends keep-alives of 11 to 70 bytes every 5 s on an idle session: that is not
+# progress, so session traffic counts only larger messages.
+KEEPALIVE_MAX_BYTES = 256
 log = logging.getLogger("broker.dispatch")
 
 
@@ -36,6 +40,14 @@ class Dispatcher:
             window=cfg.grpc_client_flow_control_window,
         )
         self.counters: Counter[str] = Counter()
+        # Payload bytes carried per session (both ways), for a runner's stall detection;
+        # bounded: the oldest session is forgotten first.
+        self.session_bytes: OrderedDict[str, int] = OrderedDict()
+
+    def count_session(self, session: str, size: int) -> None:
+        self.session_bytes[session] = self.session_bytes.pop(session, 0) + size
+        if len(self.session_bytes) > SESSIONS_COUNTED:
+            self.session_bytes.popitem(last=False)
 
     @property
     def self_parties(self) -> frozenset[str]:
@@ -151,6 +163,8 @@ class Dispatcher:
             raise EnvelopeError(f"header {SESSION} is missing")
         session, topic = env.session, env.topic or None
         count = self.queues.release(session, topic=topic)
+        if topic is None:
+            self.session_bytes.pop(session, None)
         flow(
             protocol,
             "RELEASE",
@@ -221,3 +235,5 @@ class _Outcome:
         # Incoming traffic is counted by its source, outgoing by its destination.
         party = env.target_node if outgoing else env.source_node
         self.dispatcher._count(code, party, "out" if outgoing else "in", self.size)
+        if code == codes.OK and self.size > KEEPALIVE_MAX_BYTES:
+            self.dispatcher.count_session(env.session, self.size)

@@ -70,6 +70,7 @@ class HttpApi:
         app.router.add_post(base + "peek", self.peek)
         app.router.add_post(base + "release", self.release)
         app.router.add_post(base + "invoke", self.invoke)
+        app.router.add_get(base + "traffic", self.traffic)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         return app
@@ -169,6 +170,13 @@ class HttpApi:
 
     async def release(self, request: web.Request) -> web.Response:
         return _answer(*self.d.release(_envelope(request), protocol=self.protocol))
+
+    async def traffic(self, request: web.Request) -> web.Response:
+        """psi-run's addition: payload bytes carried on one session so far (both ways)."""
+        session = edge.name("session", request.query.get("session", ""))
+        return web.json_response(
+            {"session": session, "bytes": self.d.session_bytes.get(session, 0)}
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response(

@@ -44,6 +44,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--log-dir", default="logs", help="folder for the detailed log file (default: ./logs)"
     )
     parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start from the beginning even if both sides hold a checkpoint of an earlier "
+        "attempt of this job",
+    )
+    parser.add_argument(
         "--progress",
         choices=MODES,
         default="auto",
@@ -158,6 +164,7 @@ def _job_process(args: argparse.Namespace, console: Console, events: Events) -> 
             progress=console.say,
             fatal=console.fatal,
             events=events,
+            fresh=args.fresh,
         )
         report = run.run()
     except PsiRunError as exc:

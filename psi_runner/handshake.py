@@ -59,6 +59,7 @@ class Agreement:
     waited_s: float
     nonce: str = ""
     peer_nonce: str = ""
+    peer_checkpoint: dict | None = None  # what the peer said of its checkpoint (resume)
 
 
 class _Channel:
@@ -195,11 +196,14 @@ def handshake(
     mode: str = "run",
     progress: Callable[[str], None] = lambda line: None,
     nonce: str = "",
+    checkpoint: dict | None = None,
 ) -> Agreement:
     """Wait for the peer (up to ``timeout_s``) and check that it runs the same job.
 
     Stops at once with ``PeerError`` when the peer sends a failure notice for this attempt."""
-    return _Handshake(spec, me, timeout_s, mode, progress, nonce or new_nonce()).run()
+    hs = _Handshake(spec, me, timeout_s, mode, progress, nonce or new_nonce())
+    hs.hello["checkpoint"] = checkpoint or {}
+    return hs.run()
 
 
 def new_nonce() -> str:
@@ -336,6 +340,9 @@ class _Handshake:
             waited_s=waited,
             nonce=self.nonce,
             peer_nonce=self.peer_nonce,
+            peer_checkpoint=msg.get("checkpoint")
+            if isinstance(msg.get("checkpoint"), dict)
+            else {},
         )
 
     def _timeout_message(self) -> str:

@@ -19,10 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, broker_client, data, handshake, interrupts, notice, report
+from . import __version__, broker_client, checkpoint, data, handshake, interrupts, notice, report
 from .backends import BackendResult, backend_for
 from .backends.calls import PsiCall
-from .errors import Interrupted, PsiRunError, Stalled
+from .checkpoint import Checkpoint
+from .errors import BackendError, Interrupted, PsiRunError, Stalled
 from .events import Events
 from .handshake import Agreement, new_nonce
 from .link import blackbox_environment
@@ -52,6 +53,7 @@ class JobRun:
         check_only: bool = False,
         progress: Callable[[str], None] = lambda line: None,
         events: Events | None = None,
+        fresh: bool = False,
     ) -> None:
         self.spec = spec
         self.party = party
@@ -60,6 +62,10 @@ class JobRun:
         self.check_only = check_only
         self.progress = progress
         self.events = events or Events()
+        self.fresh = fresh  # --fresh: never resume from a checkpoint
+        self.checkpoint: Checkpoint | None = None  # set when this job can be resumed
+        self.resume = False
+        self._input_digest = ""
         self.nonce = new_nonce()  # this run's identity on the control channel
         self.peer_nonce = ""
         self.seconds: dict[str, float] = {}
@@ -100,12 +106,13 @@ class JobRun:
                     self.seconds,
                 )
             with self._stage("prepare"):
-                call = self._prepare(inp)
+                call = self._prepare(inp, agreed)
             with self._stage("psi", timed=False):
                 result = self._psi(call, agreed)
             self.seconds.update(result.seconds)
             with self._stage("output"):
                 rows = self._output(inp, call)
+                self._done()
         finally:
             self._cleanup()
         self.seconds["total_s"] = time.monotonic() - started
@@ -143,6 +150,11 @@ class JobRun:
 
     def _failed(self, stage: str, exc: BaseException) -> None:
         log.info("%s: stage %s failed: %s", self.tag, stage, exc)
+        if stage == "psi" and self.resume and isinstance(exc, BackendError):
+            # SPU failed on the resumed checkpoint: the next run must not try it again.
+            assert self.checkpoint is not None
+            self.checkpoint.remove()
+            self.progress("the checkpoint was removed: the next run starts from the beginning")
         self.events.emit("stage", stage=stage, state="failed")
         self._announce(stage, exc)
 
@@ -150,6 +162,7 @@ class JobRun:
 
     def _handshake(self) -> Agreement:
         mode = "check" if self.check_only else "run"
+        mine = self._checkpoint_offer()
         self._talked = True
         agreed = handshake.handshake(
             self.spec,
@@ -158,19 +171,63 @@ class JobRun:
             mode=mode,
             progress=self.progress,
             nonce=self.nonce,
+            checkpoint=mine,
         )
         self.peer_nonce = agreed.peer_nonce
         self.events.emit("met", nonce=self.nonce, peer_nonce=agreed.peer_nonce)
+        self._agree_on_resume(mine, agreed.peer_checkpoint or {})
         return agreed
 
-    def _prepare(self, inp: data.InputTable) -> PsiCall:
-        """SPU's input: the user's file as it is when SPU reads it right, else canonical keys."""
+    def _checkpoint_offer(self) -> dict:
+        """What we tell the peer about our checkpoint: the joint run it belongs to, or why
+        there is none to resume (words only, no data)."""
+        if self.check_only or not checkpoint.supported(self.spec):
+            return {}
+        self.checkpoint = Checkpoint.of(self.spec, self.party)
+        self._input_digest = checkpoint.input_digest(self.spec.parties[self.party].input)
+        if self.fresh:
+            self.checkpoint.remove()
+            return {"run": "", "why": "was started with --fresh"}
+        why = self.checkpoint.matches(self.spec, self._input_digest)
+        found = self.checkpoint.identity() or {}
+        return {"run": "" if why else str(found.get("run", "")), "why": why}
+
+    def _agree_on_resume(self, mine: dict, theirs: dict) -> None:
+        """Resume only when both sides hold a checkpoint of the same joint run."""
+        if self.checkpoint is None:
+            return
+        run = mine.get("run", "")
+        self.resume = bool(run) and run == theirs.get("run")
+        if self.resume:
+            self.progress("resuming from the checkpoint of an earlier attempt")
+        elif run or theirs.get("run"):
+            who, why = (
+                (self.party, mine.get("why")) if not run else (self.peer(), theirs.get("why"))
+            )
+            why = why if isinstance(why, str) and why else "has a checkpoint of another attempt"
+            self.progress(f"starting from the beginning: {who} {why[:80]}")
+
+    def peer(self) -> str:
+        return self.spec.peer_of(self.party)
+
+    def _prepare(self, inp: data.InputTable, agreed: Agreement) -> PsiCall:
+        """SPU's input: the user's file as it is when SPU reads it right, else canonical keys.
+
+        A resumable job keeps SPU's files in its checkpoint folder, at paths that stay the
+        same from one attempt to the next (SPU refuses to resume otherwise)."""
         self.work = create_work_dir(self.spec.parties[self.party].output.parent, self.party)
-        out = self.work / "spu_output.csv"
+        folder, recovery = self.work, None
+        if self.checkpoint is not None:
+            if not self.resume:
+                self.checkpoint.start(self.spec, self._input_digest, run=agreed.session)
+            folder, recovery = self.checkpoint.folder, self.checkpoint.spu_folder
+        out = folder / "spu_output.csv"
         if inp.plain:
-            return PsiCall(self.spec.parties[self.party].input, out, self.spec.keys)
-        data.write_spu_input(inp, self.spec.keys, self.work / "spu_input.csv")
-        return PsiCall(self.work / "spu_input.csv", out, (data.KEY_COLUMN,))
+            return PsiCall(self.spec.parties[self.party].input, out, self.spec.keys,
+                           scratch=folder, recovery_folder=recovery)  # fmt: skip
+        data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv")
+        return PsiCall(folder / "spu_input.csv", out, (data.KEY_COLUMN,),
+                       scratch=folder, recovery_folder=recovery)  # fmt: skip
 
     def _psi(self, call: PsiCall, agreed: Agreement) -> BackendResult:
         """The backend's link and PSI, watched: a dead peer or broker, or Ctrl-C, ends it."""
@@ -241,6 +298,11 @@ class JobRun:
             count = data.write_result(inp, data.read_result_rows(call.output_path), final_tmp)
         os.replace(final_tmp, spec.parties[self.party].output)  # same folder: atomic
         return count
+
+    def _done(self) -> None:
+        """The job succeeded: its checkpoint is no longer needed."""
+        if self.checkpoint is not None:
+            self.checkpoint.remove()
 
     # -- failure and cleanup -----------------------------------------------------------
 

@@ -31,6 +31,8 @@ _STAGE_MARK = re.compile(
 _ITEMS = re.compile(rb"psi protocol=\d+, rank=\d+,? item_size=(\d+)")
 _BUCKET_DONE = re.compile(rb"\] (?:mask size: \d+|run psi bucket_idx=\d+)")
 _ECDH_BATCH = re.compile(rb"MaskSelf:[^,]*, batch_count=\d+, self_item_count=(\d+)")
+# With checkpoints on, SPU says how many buckets are done for good (the best marker).
+_BUCKETS_SAVED = re.compile(rb"UpdateParsedBucketCount, cnt = (\d+)")
 SPU_BUCKET_ITEMS = 1 << 20  # PSI v2's default bucket size
 _TIMED_MARK = re.compile(
     rb"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\][^\n]*?\[(?:(?:Rr22|Kkrt|Ecdh)Psi"
@@ -65,6 +67,7 @@ class SpuProgress:
         self.percent = 0.0
         self._buckets = 0
         self._buckets_done = 0
+        self._saved = False  # buckets counted by SPU's checkpoint lines
 
     def feed(self, line: bytes) -> bool:
         """Read one log line; True when the stage or the percentage moved."""
@@ -79,7 +82,11 @@ class SpuProgress:
         elif (items := _ITEMS.search(line)) is not None:
             buckets = math.ceil(int(items.group(1)) / SPU_BUCKET_ITEMS)
             self._buckets = max(self._buckets, buckets)
-        elif _BUCKET_DONE.search(line) and self._buckets:
+        elif (saved := _BUCKETS_SAVED.search(line)) is not None and self._buckets:
+            self._saved = True
+            self._buckets_done = min(int(saved.group(1)), self._buckets)
+            self._online(self._buckets_done / self._buckets)
+        elif not self._saved and _BUCKET_DONE.search(line) and self._buckets:
             self._buckets_done = min(self._buckets_done + 1, self._buckets)
             self._online(self._buckets_done / self._buckets)
         elif (batch := _ECDH_BATCH.search(line)) is not None and self.rows:

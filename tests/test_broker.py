@@ -16,6 +16,7 @@ from conftest import _hdr, _http
 from broker import codes
 from broker.proto import ptp_pb2, ptp_pb2_grpc
 from harness.localnet import BIN, LocalBroker, start_pair
+from psi_runner.broker_client import BrokerClient
 
 
 @pytest.mark.parametrize("brokers", ["grpc", "http"], indirect=True)
@@ -275,3 +276,18 @@ def test_client_generated_from_the_proto_file_pushes_and_pops(tmp_path, brokers)
             timeout=10,
         )
     assert got.code == codes.OK and got.payload == b"generated"
+
+
+def test_traffic_of_a_session_counts_its_payload_bytes_until_released(brokers):
+    """psi-run's own endpoint, read by a runner's stall detection."""
+    alice, bob = brokers
+    client = BrokerClient(alice.http)
+    assert client.session_traffic("tr-1") == 0
+    _http(alice, "push", _hdr("tr-1", "t", "alice", "bob"), b"k" * 68)  # a keep-alive
+    out = _http(alice, "push", _hdr("tr-1", "t", "alice", "bob"), b"x" * 1000)
+    assert out.code == codes.OK
+    assert client.session_traffic("tr-1") == 1000
+    assert BrokerClient(bob.http).session_traffic("tr-1") == 1000
+    assert client.session_traffic("tr-other") == 0
+    _http(alice, "release", {"x-ptp-session-id": "tr-1"})
+    assert client.session_traffic("tr-1") == 0

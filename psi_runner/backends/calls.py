@@ -50,6 +50,8 @@ class PsiCall:
     input_path: Path
     output_path: Path
     keys: tuple[str, ...]
+    scratch: Path | None = None  # SPU's TMPDIR (default: the output's folder)
+    recovery_folder: Path | None = None  # SPU's checkpoints (RR22/KKRT resume)
 
 
 def v2_config(spec: JobSpec, party: str, call: PsiCall):
@@ -82,6 +84,9 @@ def v2_config(spec: JobSpec, party: str, call: PsiCall):
         config.protocol_config.ecdh_config.curve = psi_pb2.CurveType.Value(spec.ecdh_curve)
     # SPU writes its trace to /tmp unless told otherwise: keep it in the private work folder.
     config.debug_options.trace_path = str(call.output_path.parent / "spu.trace")
+    if call.recovery_folder is not None:
+        config.recovery_config.enabled = True
+        config.recovery_config.folder = str(call.recovery_folder)
     return config
 
 
@@ -121,7 +126,7 @@ def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], sessi
 
     # SPU's scratch folder (sorted input, bucket stores, intersection indices) and its sort's
     # spill files go to TMPDIR: make that the run's private work folder, removed at the end.
-    os.environ["TMPDIR"] = str(call.output_path.parent)
+    os.environ["TMPDIR"] = str(call.scratch or call.output_path.parent)
     t0 = time.monotonic()
     try:
         lctx = create_blackbox_link(spec.link, spec.party_names, party, session, env)

@@ -53,6 +53,12 @@ _RULES: list[tuple[str, type[PsiRunError], str]] = [
         "{peer}'s broker refused the message: add this party to its route_table.json",
     ),
     (
+        "duplicated read_cnt in result",
+        BackendError,
+        "SPU could not resume from the checkpoint (a known SPU 0.9.3b0 defect when the two "
+        "sides stopped in different buckets)",
+    ),
+    (
         "duplicate",
         BackendError,
         "the input has duplicate keys: deduplicate it or set allow_duplicate_keys: true",
