@@ -33,6 +33,7 @@ from .digest import spec_digest
 from .spec import JobSpec
 
 _CHUNK = 1 << 20
+NO_CHECKPOINT = "has no checkpoint"
 
 
 def supported(spec: JobSpec) -> bool:
@@ -76,7 +77,7 @@ class Checkpoint:
         """Why this checkpoint cannot be resumed ("" when it can)."""
         found = self.identity()
         if found is None:
-            return "has no checkpoint"
+            return NO_CHECKPOINT
         if found.get("spec_digest") != spec_digest(spec):
             return "has a checkpoint of another version of the spec"
         if found.get("input_digest") != digest_of_input:

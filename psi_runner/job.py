@@ -22,7 +22,7 @@ from typing import NoReturn
 from . import __version__, broker_client, checkpoint, data, handshake, interrupts, notice, report
 from .backends import BackendResult, backend_for
 from .backends.calls import PsiCall
-from .checkpoint import Checkpoint
+from .checkpoint import NO_CHECKPOINT, Checkpoint
 from .errors import BackendError, Interrupted, PsiRunError, Stalled
 from .events import Events
 from .handshake import Agreement, new_nonce
@@ -200,12 +200,14 @@ class JobRun:
         self.resume = bool(run) and run == theirs.get("run")
         if self.resume:
             self.progress("resuming from the checkpoint of an earlier attempt")
-        elif run or theirs.get("run"):
-            who, why = (
-                (self.party, mine.get("why")) if not run else (self.peer(), theirs.get("why"))
-            )
-            why = why if isinstance(why, str) and why else "has a checkpoint of another attempt"
-            self.progress(f"starting from the beginning: {who} {why[:80]}")
+            return
+        for who, offer in ((self.party, mine), (self.peer(), theirs)):
+            why = offer.get("why")
+            if isinstance(why, str) and why and why != NO_CHECKPOINT:
+                self.progress(f"starting from the beginning: {who} {why[:80]}")
+                return
+        if run or theirs.get("run"):  # both have one, but of different attempts
+            self.progress("starting from the beginning: the checkpoints are of other attempts")
 
     def peer(self) -> str:
         return self.spec.peer_of(self.party)
