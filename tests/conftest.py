@@ -144,3 +144,14 @@ def _http(broker: LocalBroker, op: str, headers: dict, body: bytes = b"", query:
 
 def _hdr(session, topic, source, target=""):
     return ptp_headers(session, topic, source, target)
+
+
+def leftovers(folder: Path, party: str = "") -> list[Path]:
+    """What a failed job (of ``party``, or any) left in its output folder, besides its private
+    (0700) checkpoint folders, which are kept on purpose so that the next run can resume."""
+    return [
+        p
+        for p in folder.iterdir()
+        if party in p.name
+        and not (p.name.endswith(".ckpt") and p.is_dir() and (p.stat().st_mode & 0o077) == 0)
+    ]

@@ -22,6 +22,7 @@ from conftest import (
     TRICKY,
     assert_same_rows,
     expected_rows,
+    leftovers,
     make_ids,
     read_result,
     run_ok,
@@ -229,7 +230,7 @@ def test_secretflow_peer_killed_then_the_job_runs_again(tmp_path, brokers):
     assert "bob" in message and "no result was written" in message
     assert out == b""
     assert not (tmp_path / "out/alice_psi.csv").exists()
-    assert not list((tmp_path / "out").glob(".psi-run-alice-*"))
+    assert leftovers(tmp_path / "out", "alice") == []
 
     run_ok(spec, ["alice", "bob"])  # a daily job can simply run again
     _check(tmp_path)
@@ -270,7 +271,7 @@ def test_ctrl_c_during_the_psi_stops_both_sides(tmp_path, brokers, backend):
     (_, b_err), b_code = results["bob"]
     assert a_code == 130 and "interrupted; no result was written" in a_err.decode()
     assert b_code == 4 and "alice was interrupted" in b_err.decode()
-    assert list((tmp_path / "out").iterdir()) == []
+    assert leftovers(tmp_path / "out") == []
 
 
 def test_backend_mismatch_is_caught_by_the_handshake(tmp_path, brokers):

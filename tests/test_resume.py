@@ -25,13 +25,13 @@ from harness.localnet import psi_run_command, run_parties
 ROWS = 200_000
 
 
-@pytest.fixture
-def job(tmp_path, brokers):
+@pytest.fixture(params=["KKRT", "RR22"])
+def job(tmp_path, brokers, request):
     rng = random.Random(3)
     shared = make_ids(ROWS // 2, "s", rng)
     write_csv(tmp_path / "data/alice.csv", {"uid": shared + make_ids(ROWS // 2, "a", rng)})
     write_csv(tmp_path / "data/bob.csv", {"uid": shared + make_ids(ROWS // 2, "b", rng)})
-    return write_spec(tmp_path, brokers, job_id="resume-t", protocol="KKRT", timeout_s=120)
+    return write_spec(tmp_path, brokers, job_id="resume-t", protocol=request.param, timeout_s=120)
 
 
 def _kill_both_during_the_psi(spec: Path) -> None:

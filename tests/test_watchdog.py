@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import make_ids, wait_for, write_csv, write_spec
+from conftest import leftovers, make_ids, wait_for, write_csv, write_spec
 
 from harness.localnet import psi_run_command
 
@@ -44,7 +44,7 @@ def test_peer_killed_after_handshake_ends_the_other_side_readably(tmp_path, brok
     assert a.returncode == 4, err
     assert "no sign of bob for 15 s" in err and "Traceback" not in err
     assert not (tmp_path / "out/alice_psi.csv").exists()
-    assert not list((tmp_path / "out").glob(".psi-run-alice-*"))  # no leftovers of alice
+    assert leftovers(tmp_path / "out", "alice") == []  # nothing of alice but its checkpoint
 
 
 def test_brokers_gone_during_the_psi_end_both_runs_with_a_small_log(tmp_path, brokers):
