@@ -11,7 +11,6 @@ Run as a script to measure a longer storm, with RSS numbers:
 
 from __future__ import annotations
 
-import datetime
 import random
 import re
 import socket
@@ -25,6 +24,7 @@ from urllib.parse import quote
 
 import grpc
 import pytest
+from conftest import self_signed_cert
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -458,40 +458,8 @@ def test_pops_of_sessions_that_never_come_leave_no_queues(pair, channel):
     assert alice.health()["queues"] <= before
 
 
-def _https_cert(folder: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    cert_file, key_file = folder / "server.crt", folder / "server.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
-
-
 def test_https_token_that_is_not_utf8_is_refused_as_a_wrong_token(tmp_path):
-    cert, key = _https_cert(tmp_path / "pki")
+    cert, key = self_signed_cert(tmp_path / "pki")
     broker = LocalBroker(
         "alice",
         tmp_path / "conf",

@@ -11,7 +11,6 @@ table or a short PreflightError, never anything else.
 
 from __future__ import annotations
 
-import datetime
 import os
 import re
 import socket
@@ -23,10 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from conftest import finishes, self_signed_cert
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,25 +49,6 @@ def refusal(fn, *args) -> str:
     assert "\n" not in text and len(PREFIX + text) <= LINE_MAX, text[:300]
     assert text.isprintable(), repr(text)
     return text
-
-
-def finishes(fn, seconds: float = 10.0):
-    """``fn()``'s result (or its exception), failing the test if it takes over ``seconds``."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds} s"
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
 
 
 @pytest.fixture
@@ -241,37 +218,11 @@ def test_a_wide_header_is_checked_in_linear_time(tmp_path) -> None:
 # --- the broker address ----------------------------------------------------------------------
 
 
-def _self_signed(folder: Path) -> tuple[str, str]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    crt, pem = folder / "broker.crt", folder / "broker.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(crt), str(pem)
-
-
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     """alice's broker with all four listeners: gRPC, gRPC TLS, HTTP and HTTPS."""
     folder = tmp_path_factory.mktemp("broker")
-    crt, key = _self_signed(folder)
+    crt, key = map(str, self_signed_cert(folder))
     tls = {
         "open.grpc.tls.server": "true",
         "grpc.tls.port": "0",

@@ -13,11 +13,11 @@ import math
 import os
 import re
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import finishes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -286,25 +286,6 @@ def test_unresolvable_paths_are_spec_problems(tmp_path) -> None:
 
 
 # --- the spec file ---------------------------------------------------------------------------
-
-
-def finishes(fn, seconds: float = 10.0):
-    """``fn()``'s result, or a test failure if it does not return within ``seconds``."""
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"still running after {seconds} s"
-    if "error" in box:
-        raise box["error"]
-    return box.get("result")
 
 
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/urandom", "/dev/null"])
