@@ -92,7 +92,11 @@ class BrokerClient:
     def pop(self, session: str, topic: str, node: str, wait_s: float) -> TransportOutbound:
         """Take the next message of ``topic`` for ``node``, waiting up to ``wait_s``."""
         return self.call(
-            "pop", ptp_headers(session, topic, node), b"", wait_s + 10, query=f"?timeout={wait_s:g}"
+            "pop",
+            ptp_headers(session, topic, node),
+            b"",
+            wait_s + 10,
+            query=f"?timeout={wait_s:.3f}",  # a plain decimal: the broker refuses "1e+06"
         )
 
     def release(self, session: str, node: str, timeout_s: float = 5.0) -> None:
