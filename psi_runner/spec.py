@@ -191,8 +191,10 @@ def _parse_fields(doc: dict[Any, Any], base: Path, problems: list[str]) -> dict[
         "ecdh_curve": _ecdh_curve(doc.get("ecdh_curve"), protocol, problems),
         "link": parse_link_settings(doc.get("link"), problems),
         "timeout_s": _timeout_s(doc.get("timeout_s", _DEFAULTS["timeout_s"]), problems),
-        "stall_timeout_s": _stall_timeout_s(doc.get("stall_timeout_s"), problems),
-        "retries": _retries(doc.get("retries"), problems),
+        "stall_timeout_s": _stall_timeout_s(
+            doc.get("stall_timeout_s", _DEFAULTS["stall_timeout_s"]), problems
+        ),
+        "retries": _retries(doc.get("retries", _DEFAULTS["retries"]), problems),
         "allow_duplicate_keys": _flag(doc, "allow_duplicate_keys", problems),
         "backend": _choice(doc, "backend", BACKENDS, problems),
         "api": _choice(doc, "api", APIS, problems),
@@ -296,40 +298,46 @@ def _flag(doc: dict[Any, Any], key: str, problems: list[str]) -> bool:
     return value
 
 
-def _timeout_s(value: Any, problems: list[str]) -> float:
-    # "not 0 < value <= max" also refuses NaN (every comparison with it is false) and infinity.
+def _number(
+    value: Any, key: str, fits: Callable[[float], bool], rule: str, problems: list[str]
+) -> Any:
+    """``value`` when it is a number (not a bool) that ``fits``; else the key's default and
+    a problem ``<key>: must be <rule>, got ...``. NaN and infinity fit no range."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not 0 < value <= TIMEOUT_MAX_S:
-        problems.append(
-            f"timeout_s: must be a number of seconds > 0 and at most {TIMEOUT_MAX_S} (a day), "
-            f"got {shown(value)}"
-        )
-        return _DEFAULTS["timeout_s"]
+    if not number or not fits(value):
+        problems.append(f"{key}: must be {rule}, got {shown(value)}")
+        return _DEFAULTS[key]
     return value
+
+
+def _timeout_s(value: Any, problems: list[str]) -> float:
+    return _number(
+        value,
+        "timeout_s",
+        lambda v: 0 < v <= TIMEOUT_MAX_S,
+        f"a number of seconds > 0 and at most {TIMEOUT_MAX_S} (a day)",
+        problems,
+    )
 
 
 def _stall_timeout_s(value: Any, problems: list[str]) -> float:
-    if value is None:
-        return _DEFAULTS["stall_timeout_s"]
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not (value == 0 or 1 <= value <= TIMEOUT_MAX_S):
-        problems.append(
-            f"stall_timeout_s: must be 0 (off) or a number of seconds from 1 to "
-            f"{TIMEOUT_MAX_S}, got {shown(value)}"
-        )
-        return _DEFAULTS["stall_timeout_s"]
-    return value
+    return _number(
+        value,
+        "stall_timeout_s",
+        lambda v: v == 0 or 1 <= v <= TIMEOUT_MAX_S,
+        f"0 (off) or a number of seconds from 1 to {TIMEOUT_MAX_S}",
+        problems,
+    )
 
 
 def _retries(value: Any, problems: list[str]) -> int:
-    if value is None:
-        return _DEFAULTS["retries"]
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= RETRIES_MAX:
-        problems.append(
-            f"retries: must be a whole number from 0 to {RETRIES_MAX}, got {shown(value)}"
-        )
-        return _DEFAULTS["retries"]
-    return value
+    return _number(
+        value,
+        "retries",
+        lambda v: isinstance(v, int) and 0 <= v <= RETRIES_MAX,
+        f"a whole number from 0 to {RETRIES_MAX}",
+        problems,
+    )
 
 
 def _choice(doc: dict[Any, Any], key: str, allowed: tuple[str, ...], problems: list[str]) -> str:

@@ -46,6 +46,16 @@ def brokers(tmp_path: Path, request):
         b.stop()
 
 
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """alice's and bob's brokers, shared by the tests of one module (each uses its own
+    job_id)."""
+    brokers = start_pair(tmp_path_factory.mktemp("brokers"))
+    yield brokers
+    for b in brokers:
+        b.stop()
+
+
 def make_ids(n: int, prefix: str, rng: random.Random) -> list[str]:
     """``n`` distinct ids (distinct within one call)."""
     return [f"{prefix}{k:09d}" for k in rng.sample(range(10**9), n)]

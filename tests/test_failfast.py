@@ -16,17 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import wait_for, write_csv, write_spec
 
-from harness.localnet import psi_run_command, start_pair
+from harness.localnet import psi_run_command
 
 SECRET_KEY = "k-secret-7731"  # a key value that must never reach the peer
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    brokers = start_pair(tmp_path_factory.mktemp("brokers"))
-    yield brokers
-    for b in brokers:
-        b.stop()
 
 
 def _break(folder: Path, party: str, how: str) -> None:

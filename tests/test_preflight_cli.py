@@ -19,18 +19,9 @@ import pytest
 import yaml
 from conftest import write_csv, write_spec
 
-from harness.localnet import psi_run_command, run_parties, start_pair
+from harness.localnet import psi_run_command, run_parties
 
 LOG_LINE = "psi-run: log file "
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """alice's and bob's brokers, shared by the single-party tests of this module."""
-    brokers = start_pair(tmp_path_factory.mktemp("brokers"))
-    yield brokers
-    for b in brokers:
-        b.stop()
 
 
 def _job(
