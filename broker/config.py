@@ -101,6 +101,9 @@ _KEYS: dict[str, tuple[str, object]] = {
     "auth.token": ("auth_token", str.strip),
     "memory.trim.interval": ("memory_trim_interval_ms", _non_negative),
     "log.dir": ("log_dir", str.strip),
+    "queue.durable": ("queue_durable", _bool),
+    "queue.store.dir": ("queue_store_dir", str.strip),
+    "queue.store.fsync": ("queue_store_fsync", _bool),
 }
 
 # OSX keys that have no meaning for this broker: accepted, and logged as ignored.
@@ -165,6 +168,9 @@ class BrokerConfig:
     auth_token: str | None = field(default=None, repr=False)
     memory_trim_interval_ms: int = 10_000
     log_dir: str | None = None
+    queue_durable: bool = True
+    queue_store_dir: str = "store"  # relative to the conf dir
+    queue_store_fsync: bool = False
     ignored_keys: tuple[str, ...] = ()
     unknown_keys: tuple[str, ...] = ()
 

@@ -19,6 +19,7 @@ from .flowlog import flow
 from .forward import Forwarder
 from .queues import Message, QueueKey, QueueStore
 from .routes import DEFAULT_PARTY, RouteTableFile
+from .store import MessageStore
 
 SESSIONS_COUNTED = 10_000  # sessions whose traffic /v1/interconn/chan/traffic can tell
 # yacl's link sends keep-alives of 11 to 70 bytes every 5 s on an idle session: that is not
@@ -33,7 +34,14 @@ class Dispatcher:
     def __init__(self, cfg: BrokerConfig, routes: RouteTableFile) -> None:
         self.cfg = cfg
         self.routes = routes
-        self.queues = QueueStore(cfg.queue_max_total_bytes, cfg.queue_max_session_bytes)
+        self.store = (
+            MessageStore(cfg.resolve(cfg.queue_store_dir), fsync=cfg.queue_store_fsync)
+            if cfg.queue_durable
+            else None
+        )
+        self.queues = QueueStore(
+            cfg.queue_max_total_bytes, cfg.queue_max_session_bytes, store=self.store
+        )
         self.forwarder = Forwarder(
             retry_timeout_s=cfg.forward_retry_timeout_ms / 1000,
             max_message=cfg.grpc_client_max_message_size,
@@ -48,6 +56,28 @@ class Dispatcher:
         self.session_bytes[session] = self.session_bytes.pop(session, 0) + size
         if len(self.session_bytes) > SESSIONS_COUNTED:
             self.session_bytes.popitem(last=False)
+
+    def open_store(self) -> None:
+        """Lock the durable store and queue again every message it holds (unconfirmed ones
+        included: they are offered again). Raise BrokerError if the store cannot be used."""
+        if self.store is None:
+            return
+        self.store.open()
+        count = 0
+        for stored in self.store.recover():
+            key = QueueKey(stored.session, stored.node, stored.topic)
+            self.queues.restore(key, Message(stored.payload, stored.metadata, stored.id))
+            count += 1
+        log.info(
+            "durable queues in %s: %d message(s), %d bytes recovered",
+            self.store.folder,
+            count,
+            self.store.bytes_on_disk,
+        )
+
+    def close_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
     @property
     def self_parties(self) -> frozenset[str]:

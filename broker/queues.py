@@ -1,19 +1,29 @@
-"""In-memory message queues, keyed by (session, receiving node, topic).
+"""Message queues, keyed by (session, receiving node, topic).
 
 A queue is created by its first push or pop, consumed by long-polling pops, and removed by
-``release`` or after ``queue.max.free.time`` without use. Memory is bounded in total and per
-session; a push that does not fit is answered "queue full" (the sender retries), never dropped.
-All methods run on the broker's event loop thread.
+``release`` or after ``queue.max.free.time`` without use. Memory (and, in durable mode, disk)
+is bounded in total and per session; a push that does not fit is answered "queue full" (the
+sender retries), never dropped. All methods run on the broker's event loop thread.
+
+Delivery is confirmed, not assumed: a popped message stays accounted for (and, in durable
+mode, on disk) until the consumer's next pop on the same queue, the release of its session or
+the queue's expiry. After a broker restart an unconfirmed message is offered again, so a
+consumer may see a message twice; SPU's link drops a repeated sequence number and psi-run's
+control messages are idempotent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from . import codes
+from .store import MessageStore
+
+log = logging.getLogger("broker.queues")
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,7 @@ class QueueKey:
 class Message:
     payload: bytes
     metadata: dict[str, str]
+    id: int = 0  # its file in the durable store (0 in memory mode)
 
 
 @dataclass
@@ -36,17 +47,24 @@ class _Queue:
     size: int = 0
     last_used: float = field(default_factory=time.monotonic)
     pushed: int = 0
+    # Handed to a consumer, not yet confirmed by its next pop: (id, size).
+    unconfirmed: list[tuple[int, int]] = field(default_factory=list)
 
 
 class QueueStore:
-    """All queues of one broker, with memory limits."""
+    """All queues of one broker, with memory limits and an optional durable store."""
 
-    def __init__(self, max_total_bytes: int, max_session_bytes: int) -> None:
+    def __init__(
+        self, max_total_bytes: int, max_session_bytes: int, store: MessageStore | None = None
+    ) -> None:
         self.max_total_bytes = max_total_bytes
         self.max_session_bytes = max_session_bytes
+        self.store = store
         self._queues: dict[QueueKey, _Queue] = {}
         self._session_bytes: dict[str, int] = {}
         self.total_bytes = 0
+        self._next_id = 1
+        self.store_errors = 0
 
     def __len__(self) -> int:
         return len(self._queues)
@@ -55,6 +73,10 @@ class QueueStore:
         """Messages waiting in all queues."""
         return sum(len(q.messages) for q in self._queues.values())
 
+    def unconfirmed(self) -> int:
+        """Messages handed to a consumer whose delivery is not confirmed yet."""
+        return sum(len(q.unconfirmed) for q in self._queues.values())
+
     def _get(self, key: QueueKey) -> _Queue:
         q = self._queues.get(key)
         if q is None:
@@ -62,54 +84,99 @@ class QueueStore:
         q.last_used = time.monotonic()
         return q
 
+    def _account(self, key: QueueKey, size: int) -> None:
+        self.total_bytes += size
+        left = self._session_bytes.get(key.session, 0) + size
+        if left > 0:
+            self._session_bytes[key.session] = left
+        else:
+            self._session_bytes.pop(key.session, None)
+
+    def _persist(self, key: QueueKey, message: Message) -> bool:
+        """Write ``message`` to the durable store (if any); False when the disk refused it."""
+        if self.store is None:
+            return True
+        if not message.id:
+            message.id = self._next_id
+            self._next_id += 1
+        try:
+            self.store.put(
+                message.id, key.session, key.node, key.topic, message.metadata, message.payload
+            )
+        except OSError as exc:
+            self.store_errors += 1
+            log.error(
+                "store: cannot write a message of %d bytes to %s (%s); the sender is told "
+                "the queue is full and retries",
+                len(message.payload),
+                self.store.folder,
+                exc.strerror,
+            )
+            return False
+        return True
+
     def push(self, key: QueueKey, message: Message) -> tuple[str, int]:
         """Store a message; return (code, messages now in the queue)."""
-        q = self._get(key)
         size = len(message.payload)
-        while q.waiters:
-            waiter = q.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(message)
-                q.pushed += 1
-                return codes.OK, 0
         if size > min(self.max_total_bytes, self.max_session_bytes):
-            return codes.TOO_LARGE, len(q.messages)  # could never fit: retrying is pointless
+            return codes.TOO_LARGE, 0  # could never fit: retrying is pointless
         session_bytes = self._session_bytes.get(key.session, 0)
         if size > 0 and (
             self.total_bytes + size > self.max_total_bytes
             or session_bytes + size > self.max_session_bytes
         ):
-            return codes.QUEUE_FULL, len(q.messages)
+            q = self._queues.get(key)
+            return codes.QUEUE_FULL, len(q.messages) if q else 0
+        if not self._persist(key, message):
+            return codes.QUEUE_FULL, 0
+        q = self._get(key)
+        self._account(key, size)
+        q.pushed += 1
+        if self._hand_to_waiter(key, q, message):
+            return codes.OK, 0
         q.messages.append(message)
         q.size += size
-        q.pushed += 1
-        self.total_bytes += size
-        self._session_bytes[key.session] = session_bytes + size
         return codes.OK, len(q.messages)
 
+    def _hand_to_waiter(self, key: QueueKey, q: _Queue, message: Message) -> bool:
+        while q.waiters:
+            waiter = q.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(message)
+                q.unconfirmed.append((message.id, len(message.payload)))
+                return True
+        return False
+
     def _take(self, key: QueueKey, q: _Queue) -> Message:
+        """The oldest queued message, now handed out and awaiting confirmation."""
         message = q.messages.popleft()
-        size = len(message.payload)
-        q.size -= size
-        self.total_bytes -= size
-        left = self._session_bytes.get(key.session, 0) - size
-        if left > 0:
-            self._session_bytes[key.session] = left
-        else:
-            self._session_bytes.pop(key.session, None)
+        q.size -= len(message.payload)
+        q.unconfirmed.append((message.id, len(message.payload)))
         return message
+
+    def _confirm(self, key: QueueKey, q: _Queue) -> None:
+        """The consumer came back: everything handed to it before was delivered."""
+        for msg_id, size in q.unconfirmed:
+            self._account(key, -size)
+            if self.store is not None:
+                self.store.delete(msg_id)
+        q.unconfirmed.clear()
 
     async def pop(self, key: QueueKey, timeout_s: float) -> Message | None:
         """The oldest message, waiting up to ``timeout_s``; None when none came.
 
-        A queue that is empty once the pop ends is dropped: pops naming sessions that never
+        The pop confirms the delivery of what the previous pop of this queue handed out. A
+        queue with nothing in it once the pop ends is dropped: pops naming sessions that never
         come (a careless or hostile client) must not leave a queue each for
         ``queue.max.free.time``."""
         q = self._queues.get(key)
-        if q is not None and q.messages:
-            q.last_used = time.monotonic()
-            return self._take(key, q)
+        if q is not None:
+            self._confirm(key, q)
+            if q.messages:
+                q.last_used = time.monotonic()
+                return self._take(key, q)
         if timeout_s <= 0:
+            self._drop_if_empty(key)
             return None
         q = self._get(key)
         waiter: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
@@ -131,22 +198,36 @@ class QueueStore:
             except ValueError:
                 pass
             q.last_used = time.monotonic()
-            if not q.messages and not q.waiters and self._queues.get(key) is q:
-                del self._queues[key]
+            self._drop_if_empty(key)
+
+    def _drop_if_empty(self, key: QueueKey) -> None:
+        q = self._queues.get(key)
+        if q is not None and not q.messages and not q.waiters and not q.unconfirmed:
+            del self._queues[key]
 
     def requeue(self, key: QueueKey, message: Message) -> None:
         """Put back a popped message whose consumer vanished before receiving it."""
         q = self._get(key)
-        while q.waiters:
-            waiter = q.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(message)
-                return
         size = len(message.payload)
+        entry = (message.id, size)
+        if entry in q.unconfirmed:
+            q.unconfirmed.remove(entry)
+        else:  # already confirmed by a later pop (two consumers of one queue): store again
+            self._account(key, size)
+            self._persist(key, message)
+        if self._hand_to_waiter(key, q, message):
+            return
         q.messages.appendleft(message)
         q.size += size
-        self.total_bytes += size
-        self._session_bytes[key.session] = self._session_bytes.get(key.session, 0) + size
+
+    def restore(self, key: QueueKey, message: Message) -> None:
+        """Queue a message read back from the durable store at start (no limits apply: it
+        was accepted before the restart)."""
+        q = self._get(key)
+        q.messages.append(message)
+        q.size += len(message.payload)
+        self._account(key, len(message.payload))
+        self._next_id = max(self._next_id, message.id + 1)
 
     def peek(self, key: QueueKey) -> Message | None:
         """The oldest message without consuming it."""
@@ -174,8 +255,10 @@ class QueueStore:
         for waiter in q.waiters:
             if not waiter.done():
                 waiter.cancel()
-        while q.messages:
-            self._take(key, q)
+        q.unconfirmed.extend((m.id, len(m.payload)) for m in q.messages)
+        q.messages.clear()
+        q.size = 0
+        self._confirm(key, q)
 
     def close(self) -> None:
         """Wake every waiting pop with "no message" (used at shutdown)."""

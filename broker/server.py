@@ -59,6 +59,8 @@ class Broker:
     async def start(self) -> None:
         cfg = self.cfg
         host = cfg.bind_host
+        # Messages accepted before a restart are queued again before any port opens.
+        self.dispatcher.open_store()
         tls_host = cfg.tls_bind_host or host  # tls.bind.host: only the TLS ports face outside
         logging.getLogger(_GRPC_LOGGER).addFilter(self._grpc_filter)
         server = grpc.aio.server(options=server_options(self.dispatcher))
@@ -161,6 +163,7 @@ class Broker:
             await self._drain(draining)
             await self.dispatcher.forwarder.close()
         finally:
+            self.dispatcher.close_store()
             self.refusals.flush(final=True)
             logging.getLogger(_GRPC_LOGGER).removeFilter(self._grpc_filter)
             # Set even if a front end failed to drain: serve() must return so the process exits.

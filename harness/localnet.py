@@ -46,6 +46,10 @@ class LocalBroker:
         return int(self.addresses["http"].rsplit(":", 1)[1])
 
     def write_config(self, routes: dict, self_parties: list[str] | None = None) -> None:
+        self.write_properties()
+        self.write_routes(routes, self_parties)
+
+    def write_properties(self) -> None:
         self.conf_dir.mkdir(parents=True, exist_ok=True)
         props = {
             "grpc.port": "0",
@@ -58,7 +62,6 @@ class LocalBroker:
         (self.conf_dir / "broker.properties").write_text(
             "".join(f"{k}={v}\n" for k, v in props.items()), encoding="utf-8"
         )
-        self.write_routes(routes, self_parties)
 
     def write_routes(self, routes: dict, self_parties: list[str] | None = None) -> None:
         doc = {"route_table": routes, "self_party": self_parties or [self.party]}
@@ -119,6 +122,19 @@ class LocalBroker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the broker, as a crash or an OOM kill would end it: no graceful stop."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self, timeout_s: float = 30.0) -> None:
+        """Start the broker again on the ports it had (after kill() or stop())."""
+        self.properties["grpc.port"] = str(self.grpc_port)
+        self.properties["http.port"] = str(self.http_port)
+        self.write_properties()
+        self.start(timeout_s)
 
     def flow_log(self) -> str:
         path = (self.log_dir or self.conf_dir / "logs") / "flow.log"

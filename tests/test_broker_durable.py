@@ -1,0 +1,172 @@
+"""Durable queues: what a broker answered OK for survives its SIGKILL and is delivered after
+it starts again; a pop removes a message only once the next pop confirms it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from conftest import wait_for
+
+from broker import codes
+from harness.localnet import BIN, LocalBroker, start_pair
+from psi_runner.broker_client import BrokerClient
+
+
+def _client(broker: LocalBroker) -> BrokerClient:
+    return BrokerClient(broker.http)
+
+
+def _push(broker: LocalBroker, session: str, payload: bytes, topic: str = "t") -> str:
+    return _client(broker).push(session, topic, "alice", "bob", payload).code
+
+
+def _pop(broker: LocalBroker, session: str, topic: str = "t", wait_s: float = 0.5) -> bytes:
+    out = _client(broker).pop(session, topic, "bob", wait_s)
+    return out.payload if out.code == codes.OK else b""
+
+
+def _stored(broker: LocalBroker) -> list[str]:
+    folder = broker.conf_dir / "store" / "msgs"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _log(broker: LocalBroker) -> str:
+    return (broker.conf_dir / "logs" / "broker.log").read_text(encoding="utf-8")
+
+
+def test_messages_accepted_before_a_sigkill_are_delivered_after_the_restart(brokers):
+    alice, bob = brokers
+    payloads = [os.urandom(n) for n in (1, 1000, 300_000)] + [b""]
+    for p in payloads:
+        assert _push(alice, "s1", p) == codes.OK  # forwarded to, and stored by, bob's broker
+    bob.kill()
+    bob.restart()
+    assert [_pop(bob, "s1") for _ in payloads[:3]] == payloads[:3]
+    assert "3 message(s)" in _log(bob) or "4 message(s)" in _log(bob)
+
+
+def test_a_popped_message_is_offered_again_until_the_next_pop_confirms_it(brokers):
+    alice, bob = brokers
+    for p in (b"one", b"two", b"three"):
+        assert _push(alice, "s2", p) == codes.OK
+    assert _pop(bob, "s2") == b"one"
+    bob.kill()  # "one" was handed out but never confirmed
+    bob.restart()
+    assert _pop(bob, "s2") == b"one"  # offered again
+    assert _pop(bob, "s2") == b"two"  # confirms "one"
+    assert _pop(bob, "s2") == b"three"
+    bob.kill()
+    bob.restart()
+    assert _pop(bob, "s2") == b"three"  # the last one is never confirmed by a later pop...
+    _client(bob).release("s2", "bob")  # ...but the session's release confirms it
+    assert wait_for(lambda: _stored(bob) == [])
+    bob.kill()
+    bob.restart()
+    assert _pop(bob, "s2", wait_s=0.2) == b""
+
+
+def test_release_and_expiry_free_the_disk(tmp_path):
+    alice, bob = start_pair(
+        tmp_path / "b", properties={"queue.max.free.time": "300", "queue.check.interval": "100"}
+    )
+    try:
+        assert _push(alice, "s3", b"x" * 5000) == codes.OK
+        assert len(_stored(bob)) == 1
+        assert wait_for(lambda: _stored(bob) == [], timeout_s=5)  # expired unused
+        assert "QUEUE_EXPIRED" in bob.flow_log()
+    finally:
+        alice.stop()
+        bob.stop()
+
+
+def test_a_damaged_store_file_is_reported_and_the_rest_recovered(brokers):
+    alice, bob = brokers
+    for p in (b"first", b"second", b"third"):
+        assert _push(alice, "s4", p) == codes.OK
+    bob.kill()
+    names = _stored(bob)
+    assert len(names) == 3
+    victim = bob.conf_dir / "store" / "msgs" / names[1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-3])  # cut short, as a crash in the middle of a write leaves it
+    (bob.conf_dir / "store" / "msgs" / "00000000000000ff.msg").write_bytes(b"junk")
+    bob.restart()
+    assert [_pop(bob, "s4") for _ in range(2)] == [b"first", b"third"]
+    log = _log(bob)
+    assert f"{victim} is damaged at offset {len(data) - 3}" in log
+    assert "00000000000000ff.msg is damaged at offset 4" in log
+    assert sorted(p.name for p in (bob.conf_dir / "store" / "damaged").iterdir()) == sorted(
+        [names[1], "00000000000000ff.msg"]
+    )
+    bob.kill()  # the damaged files are not met again at the next start
+    bob.restart()
+    assert _log(bob).count("is damaged") == 2
+
+
+def test_two_brokers_cannot_share_one_store(brokers, tmp_path):
+    alice, _bob = brokers
+    other = LocalBroker(
+        "carol", tmp_path / "carol", {"queue.store.dir": str(alice.conf_dir / "store")}
+    )
+    other.write_config({})
+    with pytest.raises(RuntimeError, match="in use by another running broker"):
+        other.start()
+
+
+def test_memory_mode_writes_nothing(tmp_path):
+    alice, bob = start_pair(tmp_path / "b", properties={"queue.durable": "false"})
+    try:
+        assert _push(alice, "s5", b"kept in memory") == codes.OK
+        assert not (bob.conf_dir / "store").exists()
+        assert _pop(bob, "s5") == b"kept in memory"
+    finally:
+        alice.stop()
+        bob.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_answers_queue_full_and_keeps_what_is_stored(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(store)], check=True)
+    try:
+        alice, bob = start_pair(tmp_path / "b")
+        try:
+            bob.stop()
+            bob.properties["queue.store.dir"] = str(store)
+            bob.restart()
+            accepted = []
+            for n in range(6):
+                payload = bytes([n]) * 600_000
+                code = _push(alice, "s6", payload)
+                assert code in (codes.OK, codes.QUEUE_FULL)
+                if code == codes.OK:
+                    accepted.append(payload)
+            assert 1 <= len(accepted) < 6
+            assert "cannot write a message" in _log(bob)
+            bob.kill()
+            bob.restart()
+            assert [_pop(bob, "s6") for _ in accepted] == accepted
+            assert "damaged" not in _log(bob)
+        finally:
+            alice.stop()
+            bob.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=False)
+
+
+def test_broker_cli_names_an_unusable_store(tmp_path):
+    conf = tmp_path / "conf"
+    broker = LocalBroker("alice", conf, {"queue.store.dir": "/proc/nope"})
+    broker.write_config({})
+    out = subprocess.run(
+        [str(BIN / "psi-broker"), "--conf-dir", str(conf), "--log-dir", str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "queue.store.dir /proc/nope: cannot use it" in out.stderr
+    assert "Traceback" not in out.stderr
