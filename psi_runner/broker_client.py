@@ -22,6 +22,9 @@ from broker.proto.http_ptp_pb2 import TransportOutbound
 from .errors import PreflightError, cut, shown
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# How long a job rides out its own broker not answering (a restart: its durable queues keep
+# every accepted message) before it gives up and says so.
+BROKER_GRACE_S = 20.0
 _CHAN = "/v1/interconn/chan/"
 
 

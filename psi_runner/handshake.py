@@ -28,7 +28,7 @@ from importlib import metadata
 from broker import codes
 
 from . import __version__, notice
-from .broker_client import BrokerClient
+from .broker_client import BROKER_GRACE_S, BrokerClient
 from .digest import shared_fields, spec_digest
 from .errors import PeerError, PreflightError
 from .spec import JobSpec
@@ -247,6 +247,7 @@ class _Handshake:
         # An unaddressed failure notice of the peer, acted on unless a newer HELLO follows.
         self.notice: dict | None = None
         self.notice_deadline = 0.0
+        self.broker_down = 0.0  # when our broker first failed to answer (0: it answers)
 
     def run(self) -> Agreement:
         self.sender.start()
@@ -283,13 +284,21 @@ class _Handshake:
 
     def _pop(self, wait_s: float) -> dict | None:
         try:
-            return self.channel.pop(wait_s)
+            msg = self.channel.pop(wait_s)
         except (OSError, ValueError) as exc:
+            # A broker restart is ridden out: its durable queues keep what it had accepted.
+            now = time.monotonic()
+            self.broker_down = self.broker_down or now
+            if now - self.broker_down < BROKER_GRACE_S:
+                time.sleep(min(wait_s, 0.5))
+                return None
             raise PreflightError(
                 f"broker {self.spec.parties[self.me].broker} of party {self.me} stopped "
-                f"answering during the handshake ({getattr(exc, 'reason', exc)}); check that "
-                "it still runs"
+                f"answering during the handshake ({getattr(exc, 'reason', exc)}) for "
+                f"{BROKER_GRACE_S:.0f} s; check that it still runs"
             ) from None
+        self.broker_down = 0.0
+        return msg
 
     def _answer(self) -> None:
         self.sender.send({**self.hello, "seen": self.peer_nonce})

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from . import notice
-from .broker_client import check_broker
+from .broker_client import BROKER_GRACE_S, check_broker
 from .errors import PeerError, PreflightError, PsiRunError, Stalled
 from .handshake import Agreement, control_channel
 from .spec import JobSpec
@@ -42,7 +42,7 @@ class JobWatchdog:
         me: str,
         agreed: Agreement,
         abort: Callable[[PsiRunError], None],
-        broker_grace_s: float = 20.0,
+        broker_grace_s: float = BROKER_GRACE_S,
         peer_silence_s: float | None = None,
         stall: StallMeter | None = None,
         stall_timeout_s: float = 0.0,
