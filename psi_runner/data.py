@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from .errors import PreflightError, cut, shown
+from .normalize import KeyPlan, Normalized, duplicate_rows, normalize_keys
 from .specfile import file_kind
 
 log = logging.getLogger("psi_runner.data")
@@ -62,16 +63,32 @@ _PATH_SHOWN = 100  # characters of a path a message shows (its two ends)
 
 @dataclass
 class InputTable:
-    """A checked input file: all columns as text, in file order."""
+    """A checked input file: all columns as text, in file order, and the keys SPU compares
+    (``normalized``: the key columns after the spec's steps, for the rows kept)."""
 
     path: Path
     columns: list[str]
     table: pa.Table
     plain: bool  # the raw file can be given to SPU as it is
+    normalized: Normalized | None = None  # None: the keys are the file's values, every row
+    plan: KeyPlan | None = None  # how the keys were normalised (and the salt, if any)
 
     @property
     def rows(self) -> int:
         return self.table.num_rows
+
+    def key_table(self, keys: tuple[str, ...]) -> pa.Table:
+        """The keys SPU compares, one row per row given to SPU."""
+        if self.normalized is not None:
+            return self.normalized.keys
+        return self.table.select(list(keys))
+
+    def input_rows(self, positions: np.ndarray) -> np.ndarray:
+        """Input row numbers of rows given to SPU at ``positions`` (-1 stays -1)."""
+        if self.normalized is None or self.normalized.kept is None:
+            return positions
+        kept = self.normalized.kept
+        return np.where(positions < 0, -1, kept[np.maximum(positions, 0)])
 
 
 def _line_of(data: bytes, pos: int) -> int:
@@ -187,8 +204,14 @@ def _read_all(fd: int) -> bytes:
         return fh.read()
 
 
-def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = False) -> InputTable:
-    """Read and check the input CSV; raise PreflightError with one readable sentence."""
+def inspect_input(
+    path: Path,
+    keys: tuple[str, ...],
+    allow_duplicates: bool = False,
+    plan: KeyPlan | None = None,
+) -> InputTable:
+    """Read and check the input CSV, normalising its keys as ``plan`` says; raise
+    PreflightError with one readable sentence."""
     where = _where("input", path)
     fd = _open_input(path, where)
     try:
@@ -252,18 +275,46 @@ def inspect_input(path: Path, keys: tuple[str, ...], allow_duplicates: bool = Fa
     if table.num_rows == 0:
         raise PreflightError(f"{where}: has a header but no rows")
 
-    if not allow_duplicates:
+    normalized = None
+    if plan is not None and plan.active:
+        normalized = normalize_keys(table, plan, where)
+        if not allow_duplicates:
+            _check_normalized_duplicates(normalized, where)
+    elif not allow_duplicates:
         _check_duplicates(table, keys, where)
     # SPU aligns the two outputs row by row only when the key is the first column (it sorts
     # by the first column otherwise); the canonical-key file always has the key first.
     plain = (
-        len(keys) == 1
+        _unchanged(normalized)
+        and len(keys) == 1
         and header[0] == keys[0]
         and not bom
         and _plain_file(body)
         and _plain_keys(table[keys[0]], _PLAIN_BYTES[np.frombuffer(body, np.uint8)].all())
     )
-    return InputTable(path=path, columns=header, table=table, plain=plain)
+    return InputTable(
+        path=path, columns=header, table=table, plain=plain, normalized=normalized, plan=plan
+    )
+
+
+def _unchanged(normalized: Normalized | None) -> bool:
+    """Normalisation left every key as it was and every row in (the file can go to SPU)."""
+    if normalized is None:
+        return True
+    return normalized.kept is None and not any(s.changed for s in normalized.stats.values())
+
+
+def _check_normalized_duplicates(normalized: Normalized, where: str) -> None:
+    extra, first, second = duplicate_rows(normalized.keys)
+    if not extra:
+        return
+    kept = normalized.kept
+    first, second = (int(kept[first]), int(kept[second])) if kept is not None else (first, second)
+    raise PreflightError(
+        f"{where}: after normalisation {extra} row(s) repeat the key of an earlier row (e.g. "
+        f"data rows {first + 1} and {second + 1}); deduplicate the file or set "
+        "allow_duplicate_keys: true in the spec"
+    )
 
 
 def _column_list(header: list[str]) -> str:
@@ -355,13 +406,16 @@ def _const(text: str, n: int) -> pa.Array:
 
 
 def write_spu_input(inp: InputTable, keys: tuple[str, ...], dest: Path) -> None:
-    """Write the (canonical key, row number) file that SPU reads instead of the input."""
+    """Write the (canonical key, position) file that SPU reads instead of the input; a
+    position is a row of ``inp.key_table`` (``inp.input_rows`` maps it to the input row)."""
+    key_table = inp.key_table(keys)
+    n = key_table.num_rows
     t = pa.table(
         {
-            KEY_COLUMN: canonical_keys(inp.table, keys),
+            KEY_COLUMN: canonical_keys(key_table, keys),
             # from_buffers: pa.array() would import pandas (half a second) to inspect a numpy array
             ROW_COLUMN: pa.Int64Array.from_buffers(
-                pa.int64(), inp.rows, [None, pa.py_buffer(np.arange(inp.rows, dtype=np.int64))]
+                pa.int64(), n, [None, pa.py_buffer(np.arange(n, dtype=np.int64))]
             ),
         }
     )
@@ -388,6 +442,21 @@ def read_result_rows(spu_output: Path) -> np.ndarray:
         col = pc.fill_null(col, -1)
     # Straight from the buffer: to_numpy() would import pandas.
     return np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + len(col)]
+
+
+def read_result_keys(spu_output: Path, keys: tuple[str, ...]) -> pa.Table:
+    """The key columns of SPU's output of a file it read as it is, in SPU's order."""
+    if not spu_output.exists() or spu_output.stat().st_size == 0:
+        return pa.table({k: pa.array([], pa.string()) for k in keys})
+    return pcsv.read_csv(
+        spu_output,
+        convert_options=pcsv.ConvertOptions(
+            include_columns=list(keys),
+            column_types={k: pa.string() for k in keys},
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+        ),
+    )
 
 
 def write_result(inp: InputTable, rows: np.ndarray, dest: Path) -> int:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import metadata
 
+from .keyspec import describe
 from .spec import JobSpec
 
 
@@ -30,7 +32,23 @@ def shared_fields(spec: JobSpec) -> dict[str, object]:
         # Both sides detect a stall and start again together: the same limits on both.
         "stall_timeout_s": spec.stall_timeout_s,
         "retries": spec.retries,
+        **key_rules(spec),
     }
+
+
+def key_rules(spec: JobSpec) -> dict[str, object]:
+    """What turns a key value into the key SPU compares: every column's normalisation steps
+    (an empty list: the value as it is), which party's column is already hashed, and what
+    happens to a value that cannot be normalised. A difference names the column."""
+    rules: dict[str, object] = {
+        "normalize": {key: describe(spec.normalize.get(key, ())) for key in spec.keys},
+        "on_invalid": spec.on_invalid,
+        "prehashed": {name: dict(p.prehashed) for name, p in spec.parties.items() if p.prehashed},
+    }
+    if any(s.name == "e164" for steps in spec.normalize.values() for s in steps):
+        # Phone parsing follows libphonenumber's metadata: both sides need the same release.
+        rules["phonenumbers"] = metadata.version("phonenumbers")
+    return rules
 
 
 def spec_digest(spec: JobSpec) -> str:

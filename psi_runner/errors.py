@@ -5,7 +5,8 @@
     ├── PreflightError          local input, output or broker is not usable (exit 3)
     ├── PeerError               the peer did not appear, failed or runs a different job (exit 4)
     ├── BackendError            SPU/SecretFlow failed during the PSI (exit 5)
-    │   └── Stalled             the PSI made no progress on either side (exit 5)
+    │   ├── Stalled             the PSI made no progress on either side (exit 5)
+    │   └── ResultsDisagree     the two parties' results differ; nothing written (exit 5)
     ├── EngineCrashed           the job process died by a signal, e.g. SPU's SIGABRT (exit 6)
     └── Interrupted             Ctrl-C (SIGINT) or SIGTERM; no result was written (exit 130)
 
@@ -145,13 +146,23 @@ class BackendError(PsiRunError):
 
     exit_code = 5
     kind = "an error in the PSI engine"
-    meaning = "the PSI itself failed in SPU or SecretFlow (the raw error is in the log)"
+    meaning = (
+        "the PSI itself failed in SPU or SecretFlow (the raw error is in the log), or the two "
+        "parties' results disagreed; no result was written"
+    )
 
 
 class Stalled(BackendError):
     """The PSI made no progress on either side for ``stall_timeout_s``; both sides stop."""
 
     kind = "the PSI made no progress (stalled)"
+
+
+class ResultsDisagree(BackendError):
+    """The result agreement check found that the two parties got different answers from SPU;
+    neither side writes its result."""
+
+    kind = "the two parties' results disagree"
 
 
 class EngineCrashed(PsiRunError):

@@ -197,12 +197,17 @@ def handshake(
     progress: Callable[[str], None] = lambda line: None,
     nonce: str = "",
     checkpoint: dict | None = None,
+    extra_fields: dict | None = None,
 ) -> Agreement:
     """Wait for the peer (up to ``timeout_s``) and check that it runs the same job.
 
-    Stops at once with ``PeerError`` when the peer sends a failure notice for this attempt."""
+    ``extra_fields`` are compared like the spec's shared fields but known only after
+    preflight (e.g. a salt's fingerprint). Stops at once with ``PeerError`` when the peer sends
+    a failure notice for this attempt."""
     hs = _Handshake(spec, me, timeout_s, mode, progress, nonce or new_nonce())
     hs.hello["checkpoint"] = checkpoint or {}
+    if extra_fields:
+        hs.hello["fields"] = {**hs.hello["fields"], **extra_fields}
     return hs.run()
 
 

@@ -1,6 +1,10 @@
 """One party's run of a job, as named stages.
 
-    preflight → handshake → prepare → psi (link and PSI, under the watchdog) → output → report
+    preflight → handshake → prepare → psi (link and PSI, under the watchdog) → agree → output
+    → report
+
+``agree`` is the result agreement check (``agreement``): both sides compare what SPU gave them
+before either writes its result.
 
 ``JobRun`` owns what a run holds: its private work folder, its broker sessions, the watchdog
 (the control channel during the PSI), the progress sink and the cleanup. Each stage is a method
@@ -19,11 +23,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-from . import __version__, broker_client, checkpoint, data, handshake, interrupts, notice, report
+import numpy as np
+import pyarrow as pa
+
+from . import (
+    __version__,
+    agreement,
+    broker_client,
+    checkpoint,
+    data,
+    handshake,
+    interrupts,
+    normalize,
+    notice,
+    report,
+)
 from .backends import BackendResult, backend_for
 from .backends.calls import PsiCall
 from .checkpoint import NO_CHECKPOINT, Checkpoint
-from .errors import BackendError, Interrupted, PsiRunError, Stalled
+from .errors import BackendError, Interrupted, PsiRunError, ResultsDisagree, Stalled
 from .events import Events
 from .handshake import Agreement, new_nonce
 from .link import blackbox_environment
@@ -93,8 +111,9 @@ class JobRun:
                 inp = preflight(self.spec, self.party)
                 self.events.emit("input", rows=inp.rows)
             log.info("%s: input has %d rows, plain=%s", self.tag, inp.rows, inp.plain)
+            self._tell_normalized(inp)
             with self._stage("handshake"):
-                agreed = self._handshake()
+                agreed = self._handshake(inp)
             if self.check_only:
                 self.seconds["total_s"] = time.monotonic() - started
                 return report.check_report(
@@ -110,8 +129,10 @@ class JobRun:
             with self._stage("psi", timed=False):
                 result = self._psi(call, agreed)
             self.seconds.update(result.seconds)
+            with self._stage("agree"):
+                positions = self._agree(inp, call, result, agreed)
             with self._stage("output"):
-                rows = self._output(inp, call)
+                rows = self._output(inp, call, positions)
                 self._done()
         finally:
             self._cleanup()
@@ -155,12 +176,31 @@ class JobRun:
             assert self.checkpoint is not None
             self.checkpoint.remove()
             self.progress("the checkpoint was removed: the next run starts from the beginning")
+        if isinstance(exc, ResultsDisagree) and self.checkpoint is not None:
+            # SPU's checkpoint holds the answer that disagreed: the next run computes anew.
+            self.checkpoint.remove()
         self.events.emit("stage", stage=stage, state="failed")
         self._announce(stage, exc)
 
     # -- stages ------------------------------------------------------------------------
 
-    def _handshake(self) -> Agreement:
+    def _tell_normalized(self, inp: data.InputTable) -> None:
+        """What normalisation did, per key column: counts only, never values."""
+        done = inp.normalized
+        if done is None:
+            return
+        self.extra["normalize"] = {k: s.as_dict() for k, s in done.stats.items()}
+        self.extra["rows_used"] = done.keys.num_rows
+        for key, s in done.stats.items():
+            dropped = " (dropped)" if done.dropped else ""
+            self.progress(
+                f"normalize {key[:40]}: {s.changed:,} of {inp.rows:,} rows changed, "
+                f"{s.empty:,} empty, {s.invalid:,} invalid{dropped}"
+            )
+        if done.dropped:
+            self.progress(f"normalize: {done.dropped:,} rows left out (on_invalid: drop)")
+
+    def _handshake(self, inp: data.InputTable) -> Agreement:
         mode = "check" if self.check_only else "run"
         mine = self._checkpoint_offer()
         self._talked = True
@@ -172,6 +212,7 @@ class JobRun:
             progress=self.progress,
             nonce=self.nonce,
             checkpoint=mine,
+            extra_fields=normalize.handshake_fields(self.spec, inp.plan) if inp.plan else None,
         )
         self.peer_nonce = agreed.peer_nonce
         self.events.emit("met", nonce=self.nonce, peer_nonce=agreed.peer_nonce)
@@ -286,10 +327,50 @@ class JobRun:
         except OSError:
             return {}
 
-    def _output(self, inp: data.InputTable, call: PsiCall) -> int | None:
+    def _receives(self) -> bool:
+        return self.party == self.spec.receiver or self.spec.broadcast_result
+
+    def _agree(
+        self, inp: data.InputTable, call: PsiCall, result: BackendResult, agreed: Agreement
+    ) -> np.ndarray | None:
+        """Compare this side's result with the peer's before either publishes it; the result's
+        positions in SPU's input (None for a file SPU read as it is)."""
+        spec = self.spec
+        spu_count = result.intersection_count if result.intersection_count >= 0 else None
+        positions, keys = None, None
+        if self._receives() and inp.plain:
+            keys = data.read_result_keys(call.output_path, spec.keys)
+        elif self._receives():
+            positions = data.read_result_rows(call.output_path)
+        if agreement.test_drop_requested(self.party):  # test-only: a row lost on one side
+            log.warning("%s: %s is set: dropping a result row", self.tag, agreement.TEST_DROP_ENV)
+            keys = keys.slice(0, max(keys.num_rows - 1, 0)) if keys is not None else None
+            positions = positions[:-1] if positions is not None else None
+        rows = keys.num_rows if keys is not None else None
+        rows = len(positions) if positions is not None else rows
+        digest = None
+        if spec.join == "inner" and rows is not None:
+            if keys is None:
+                assert positions is not None
+                # from_buffers: pa.array() on numpy would import pandas (half a second)
+                index = pa.Int64Array.from_buffers(
+                    pa.int64(), len(positions), [None, pa.py_buffer(positions)]
+                )
+                keys = inp.key_table(spec.keys).take(index)
+            key = agreement.digest_key(agreed.nonce, agreed.peer_nonce)
+            digest = agreement.keys_digest([keys[k] for k in spec.keys], key)
+        count = rows if spec.join == "inner" and rows is not None else spu_count
+        mine = agreement.Summary(count, rows, digest)
+        self.extra["agreement"] = agreement.check(spec, self.party, agreed, mine)
+        log.info("%s: result check: %s", self.tag, self.extra["agreement"])
+        return positions
+
+    def _output(
+        self, inp: data.InputTable, call: PsiCall, positions: np.ndarray | None
+    ) -> int | None:
         """Move the result into place (whole or not at all); its rows, None if not received."""
         spec = self.spec
-        if not (self.party == spec.receiver or spec.broadcast_result):
+        if not self._receives():
             return None
         assert self.work is not None
         final_tmp = self.work / "result.csv"
@@ -297,7 +378,8 @@ class JobRun:
             os.replace(call.output_path, final_tmp)
             count = data.count_csv_rows(final_tmp)
         else:
-            count = data.write_result(inp, data.read_result_rows(call.output_path), final_tmp)
+            assert positions is not None
+            count = data.write_result(inp, inp.input_rows(positions), final_tmp)
         os.replace(final_tmp, spec.parties[self.party].output)  # same folder: atomic
         return count
 

@@ -31,7 +31,7 @@ log = logging.getLogger("psi_runner.notice")
 
 NOTICE_TTL_S = 600.0
 SEND_TIMEOUT_S = 10.0
-STAGES = ("preflight", "handshake", "prepare", "psi", "output", "report")
+STAGES = ("preflight", "handshake", "prepare", "psi", "agree", "output", "report")
 _WORDS = re.compile(r"[^A-Za-z0-9 ,.;:()'/-]")
 
 

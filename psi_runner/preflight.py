@@ -3,7 +3,9 @@
 The spec and ``--party``; what the input and output paths are (a regular file, or for the
 output absent; FIFOs, devices, sockets and folders are refused without being opened); the
 output folder (created, writable); the input's content (UTF-8 text without NUL bytes or
-over-long lines, header, key columns, no blank lines, duplicates); this party's broker (its
+over-long lines, header, key columns, no blank lines); the keys after the spec's
+normalisation (values a step cannot parse or that become empty, refused or dropped as
+``on_invalid`` says; duplicates after normalisation); this party's broker (its
 HTTP PTP port answers and serves this party) and, with ``backend: ray``, the party's Ray head.
 The cheap path checks come first, so a bad output is named before a large input is read.
 Every problem raises ``PreflightError``.
@@ -11,7 +13,7 @@ Every problem raises ``PreflightError``.
 
 from __future__ import annotations
 
-from . import broker_client, data, rayhead
+from . import broker_client, data, normalize, rayhead
 from .errors import PreflightError, shown
 from .spec import JobSpec
 
@@ -25,7 +27,8 @@ def preflight(spec: JobSpec, party: str) -> data.InputTable:
     me = spec.parties[party]
     data.check_input_path(me.input)
     data.check_output_location(me.output)
-    inp = data.inspect_input(me.input, spec.keys, spec.allow_duplicate_keys)
+    plan = normalize.plan_for(spec, party)  # reads the salt file, if a step needs one
+    inp = data.inspect_input(me.input, spec.keys, spec.allow_duplicate_keys, plan)
     broker_client.check_broker(me.broker, party)
     if spec.backend == "ray":
         rayhead.check_head(party, me.ray_address)  # type: ignore[arg-type]

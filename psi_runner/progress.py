@@ -176,7 +176,7 @@ class ProgressView:
     def _percent(self) -> float:
         if self.stage == "psi":
             return round(self.spu.percent, 1)
-        return 100.0 if self.stage in ("output", "report") else 0.0
+        return 100.0 if self.stage in ("agree", "output", "report") else 0.0
 
     def _live(self) -> None:
         now = time.monotonic()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpecError, key_text, shown
+from .keyspec import ON_INVALID, Step, ends_with_sha256, parse_normalize, parse_prehashed, salted
 from .link import LINK_DEFAULTS, LinkSettings, parse_link_settings
 from .specfile import LongNumber, SpecProblem, load_yaml, read_spec_text
 
@@ -49,6 +50,9 @@ class PartySpec:
     input: Path
     output: Path
     ray_address: str | None = None  # host:port of the party's Ray head (backend: ray)
+    # key column -> sha256_hex | sha256_base64: the column already holds the hash (keyspec)
+    prehashed: dict[str, str] = field(default_factory=dict)
+    salt_file: Path | None = None  # the shared secret salt of salted sha256 steps (local)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,9 @@ class JobSpec:
     api: str = "psi"
     join: str = "inner"
     left_side: str | None = None  # the left table's party for join left/right/full/difference
+    # key column -> normalisation steps, applied in order at both parties (keyspec)
+    normalize: dict[str, tuple[Step, ...]] = field(default_factory=dict)
+    on_invalid: str = "refuse"  # a key a step cannot parse or that becomes empty: refuse | drop
 
     @property
     def party_names(self) -> list[str]:
@@ -102,8 +109,10 @@ _TOP_KEYS = {
     "api",
     "join",
     "left_side",
+    "normalize",
+    "on_invalid",
 }
-_PARTY_KEYS = {"broker", "input", "output", "ray_address"}
+_PARTY_KEYS = {"broker", "input", "output", "ray_address", "prehashed", "salt_file"}
 
 
 def _name(value: Any) -> str | None:
@@ -200,6 +209,8 @@ def _parse_fields(doc: dict[Any, Any], base: Path, problems: list[str]) -> dict[
         "api": _choice(doc, "api", APIS, problems),
         "join": _choice(doc, "join", JOINS, problems),
         "left_side": _name(doc.get("left_side")),  # checked against join and parties later
+        "normalize": parse_normalize(doc.get("normalize"), problems),
+        "on_invalid": _choice(doc, "on_invalid", ON_INVALID, problems),
     }
 
 
@@ -381,9 +392,21 @@ def _party(
     broker = _broker(settings.get("broker"), f"{path}.broker", problems)
     ray_address = _ray_address(settings, path, problems)
     inp, out = _files(settings, base, path, problems)
+    prehashed = parse_prehashed(settings.get("prehashed"), f"{path}.prehashed", problems)
+    salt_file = None
+    if "salt_file" in settings:
+        salt_file = _path(settings.get("salt_file"), base, f"{path}.salt_file", problems)
     if not (broker and inp and out):
         return None
-    return PartySpec(name=name, broker=broker, input=inp, output=out, ray_address=ray_address)
+    return PartySpec(
+        name=name,
+        broker=broker,
+        input=inp,
+        output=out,
+        ray_address=ray_address,
+        prehashed=prehashed,
+        salt_file=salt_file,
+    )
 
 
 def _ray_address(settings: dict[Any, Any], path: str, problems: list[str]) -> str | None:
@@ -510,7 +533,45 @@ def _ray_addresses_fit_backend(values: dict[str, Any], doc: dict[Any, Any]) -> I
             )
 
 
-_RULES: tuple[_Rule, ...] = (_psi_csv_limits, _left_side_fits_join, _ray_addresses_fit_backend)
+def _normalize_fits_keys(values: dict[str, Any], doc: dict[Any, Any]) -> Iterator[str]:
+    keys, normalize = values["keys"], values["normalize"]
+    if not keys:
+        return  # already a problem of its own
+    for column in normalize:
+        if column not in keys:
+            yield f"normalize.{key_text(column)}: not a key column; the keys are {', '.join(keys)}"
+    for name, party in values["parties"].items():
+        for column in party.prehashed:
+            where = f"parties.{name}.prehashed.{key_text(column)}"
+            if column not in keys:
+                yield f"{where}: not a key column; the keys are {', '.join(keys)}"
+            elif not ends_with_sha256(normalize.get(column, ())):
+                yield (
+                    f"{where}: the column's steps must end with sha256 (e.g. normalize: "
+                    f"{{{key_text(column)}: [email, sha256]}}) so that the other party hashes "
+                    "the same way"
+                )
+        needs_salt = [
+            c for c, steps in normalize.items() if salted(steps) and c not in party.prehashed
+        ]
+        if needs_salt and party.salt_file is None:
+            yield (
+                f"parties.{name}.salt_file: required: normalize.{key_text(needs_salt[0])} hashes "
+                "with a salt; name the file holding the secret salt shared out of band"
+            )
+        elif party.salt_file is not None and not needs_salt:
+            yield (
+                f"parties.{name}.salt_file: only used by a sha256 step with salt: true that "
+                f"{name} applies; remove it"
+            )
+
+
+_RULES: tuple[_Rule, ...] = (
+    _psi_csv_limits,
+    _left_side_fits_join,
+    _ray_addresses_fit_backend,
+    _normalize_fits_keys,
+)
 
 
 __all__ = [
