@@ -17,7 +17,7 @@ from .errors import key_text, shown
 # The broker speaks HTTP/1.1; yacl's blackbox link refuses anything but http/h2.
 _PROTOCOLS = ("http",)
 _CONNECTION_TYPES = ("pooled", "short", "single")
-_ZERO_ALLOWED = ("connect_retry_times", "throttle_window_size")
+_ZERO_ALLOWED = ("connect_retry_times", "throttle_window_size", "send_retry_times")
 # The largest value of each whole-number setting (README, Link settings). SPU takes up to
 # 2**31-1, but beyond these a job waits for days, or sends messages the broker refuses
 # (its message.max.size is 256 MiB by default).
@@ -28,6 +28,8 @@ _MAXIMA = {
     "http_timeout_ms": 604_800_000,
     "http_max_payload_size": 256 * 1024 * 1024,
     "throttle_window_size": 10_000,
+    "send_retry_times": 10_000,
+    "send_retry_interval_ms": 600_000,
 }
 _MIN_RETRY_WINDOW_MS = 60_000
 _MIN_RECV_TIMEOUT_MS = 600_000
@@ -52,6 +54,13 @@ class LinkSettings:
     throttle_window_size: int = 0
     brpc_channel_protocol: str = "http"
     brpc_channel_connection_type: str = "pooled"
+    # A message SPU fails to hand to the broker is retried this often, at this interval (yacl's
+    # retry_opts.max_retry and retry_interval_ms): yacl's own 3 retries in 9 s are over before
+    # a restarted broker is reachable again, and a message whose retries run out is dropped
+    # and the job hangs until recv_timeout_ms. A repeated message is harmless (SPU's link drops
+    # a repeated sequence number).
+    send_retry_times: int = 60
+    send_retry_interval_ms: int = 1000
 
     def as_dict(self) -> dict[str, Any]:
         """Every setting by its SPU name, in declaration order."""
@@ -60,13 +69,17 @@ class LinkSettings:
     def warnings(self) -> list[str]:
         """Settings that are valid but likely to hurt on a real network."""
         out = []
-        window = self.connect_retry_times * self.connect_retry_interval_ms
-        if window < _MIN_RETRY_WINDOW_MS:
-            out.append(
-                f"link: the connect retry window is {window / 1000:.0f} s "
-                f"(connect_retry_times x connect_retry_interval_ms); under 60 s a slow peer "
-                "or network can fail the link"
-            )
+        for kind, times, interval in (
+            ("connect", self.connect_retry_times, self.connect_retry_interval_ms),
+            ("send", self.send_retry_times, self.send_retry_interval_ms),
+        ):
+            window = times * interval
+            if window < _MIN_RETRY_WINDOW_MS:
+                out.append(
+                    f"link: the {kind} retry window is {window / 1000:.0f} s ({kind}_retry_times "
+                    f"x {kind}_retry_interval_ms); under 60 s a slow peer, network or broker "
+                    "restart can fail the link"
+                )
         if self.recv_timeout_ms < _MIN_RECV_TIMEOUT_MS:
             out.append(
                 f"link.recv_timeout_ms: {self.recv_timeout_ms} ms is under 10 minutes; "
@@ -108,7 +121,7 @@ def parse_link_settings(value: Any, problems: list[str]) -> LinkSettings:
 
 
 def _unknown_setting(key: Any) -> str:
-    # The eight names do not fit on one line with the key: name the likely one instead.
+    # The ten names do not fit on one line with the key: name the likely one instead.
     close = difflib.get_close_matches(str(key)[:100], LINK_DEFAULTS, n=1)
     if close:
         return f"unknown link setting; did you mean {close[0]}?"
@@ -154,7 +167,15 @@ def blackbox_desc(settings: LinkSettings, parties: list[str], link_id: str):
     for party in parties:
         desc.add_party(party, party)  # in blackbox mode the "host" is the party's node id
     for key, value in settings.as_dict().items():
-        setattr(desc, key, value)
+        if not key.startswith("send_retry_"):
+            setattr(desc, key, value)
+    retry = desc.retry_opts
+    retry.max_retry = settings.send_retry_times
+    retry.retry_interval_ms = settings.send_retry_interval_ms
+    retry.retry_interval_incr_ms = 0  # a steady interval: the window is times x interval
+    retry.max_retry_interval_ms = settings.send_retry_interval_ms
+    retry.aggressive_retry = True  # whatever the error: the broker may be restarting
+    desc.retry_opts = retry
     desc.link_type = "blackbox"
     return desc
 

@@ -25,7 +25,9 @@ curve (default CURVE_25519, as ``psi_csv``) and maps ``join: inner`` to the plai
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from ..data import NULL_TEXT
 from ..link import create_blackbox_link
 from ..spec import JobSpec
 
+log = logging.getLogger("psi_runner.backends.calls")
 _V1_PROTOCOLS = {"ECDH": "ECDH_PSI_2PC", "KKRT": "KKRT_PSI_2PC", "RR22": "RR22_FAST_PSI_2PC"}
 _JOINS = {
     "left": "ADVANCED_JOIN_TYPE_LEFT_JOIN",
@@ -117,6 +120,28 @@ class CallFailed(Exception):
         self.stage = stage
 
 
+# yacl's stop_link waits until every message the peer says it sent has arrived; after a
+# failure one may never come, and an unbounded wait would hang both sides for good.
+STOP_AFTER_SUCCESS_S = 60.0
+STOP_AFTER_FAILURE_S = 5.0
+
+
+def _stop_link(lctx, timeout_s: float) -> None:
+    """Close the link, waiting at most ``timeout_s`` (the process ends soon after anyway)."""
+
+    def stop() -> None:
+        try:
+            lctx.stop_link()
+        except Exception:  # noqa: BLE001,S110 - the link may already be gone
+            pass
+
+    closer = threading.Thread(target=stop, daemon=True, name="spu-link-stop")
+    closer.start()
+    closer.join(timeout_s)
+    if closer.is_alive():
+        log.warning("SPU's link did not close within %.0f s; leaving it", timeout_s)
+
+
 def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], session: str) -> dict:
     """Create the blackbox link through the broker and run the spec's PSI call.
 
@@ -145,12 +170,9 @@ def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], sessi
         else:
             report = spu_psi.psi(v2_config(spec, party, call), lctx)
     except Exception as exc:
+        _stop_link(lctx, STOP_AFTER_FAILURE_S)
         raise CallFailed("running the PSI", str(exc)) from exc
-    finally:
-        try:
-            lctx.stop_link()
-        except Exception:  # noqa: BLE001,S110 - the link may already be gone
-            pass
+    _stop_link(lctx, STOP_AFTER_SUCCESS_S)
     return {
         "original_count": int(report.original_count),
         # A party that does not receive the result gets -1 from SPU.
