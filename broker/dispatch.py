@@ -112,8 +112,10 @@ class Dispatcher:
         """Store or forward one message (push or invoke); return (code, message) for the sender.
 
         ``env`` comes from the edge (its values passed their rules); raise EnvelopeError when
-        it lacks a header a message needs."""
-        env = env.require()
+        it lacks a header a message needs. A message is routed by its target alone; a local
+        client that names no source (FATE's may not) speaks for this broker's party when it
+        serves only one, but a message from the network is never given a source here."""
+        env = env.require(default_node="" if from_network else self.default_node())
         outcome = _Outcome(self, env, protocol, len(payload))
         table = self.routes.table
         code, reason = self._refusal(env, outcome.size, from_network)
@@ -133,7 +135,8 @@ class Dispatcher:
                 f"no route to party {env.target_node!r}: add it to {table.source} "
                 f"(or a '{DEFAULT_PARTY}' route)"
             )
-            outcome.record("MSG_REDIRECT", codes.ROUTE_NOT_FOUND, reason, outgoing=True)
+            # REFUSED, not MSG_REDIRECT: a flood of pushes to unknown parties stays bounded.
+            outcome.record("REFUSED", codes.ROUTE_NOT_FOUND, reason, peer_addr)
             return codes.ROUTE_NOT_FOUND, reason
         code, message, used = await self.forwarder.send(hops, env.next_hop(), payload)
         target = used.target if used else hops[0].target
@@ -151,7 +154,15 @@ class Dispatcher:
         table = self.routes.table
         if not from_network:
             return None, ""
+        # OSX checks no source at all. Here a source the table does not know is refused unless
+        # a 'default' party admits unknown ones; a message that names none is as unknown, and
+        # auth.token applies to every message either way.
         if not (table.knows(env.source_node) or DEFAULT_PARTY in table.routes):
+            if not env.source_node:
+                return codes.UNAUTHORIZED, (
+                    "message from another broker names no source node (x-ptp-source-node-id); "
+                    f"only a route table with a '{DEFAULT_PARTY}' party accepts such messages"
+                )
             return codes.UNAUTHORIZED, f"source node {env.source_node!r} is not in the route table"
         expected = self.cfg.auth_token
         if expected and not hmac.compare_digest(env.token.encode(), expected.encode()):
@@ -178,13 +189,23 @@ class Dispatcher:
     def peek(self, env: Envelope, *, protocol: str) -> tuple[str, str, Message | None]:
         """Look at the next message of the queue ``env`` names without taking it.
 
-        Returns (code, message, the queued message or None) for the caller; raises
-        EnvelopeError when a header is missing."""
+        Returns (code, message, the queued message or None) for the caller; an empty queue is
+        E0000000000 with no payload, as OSX answers it. Raises EnvelopeError when a header is
+        missing."""
         key = self.queue_key(env)
         message = self.queues.peek(key)
-        code, text = (codes.NOT_FOUND, "no message yet") if message is None else (codes.OK, "")
-        flow(protocol, "PEEK", session=key.session, topic=key.topic, des=key.node, code=code)
-        return code, text, message
+        text = "queue is empty" if message is None else ""
+        flow(
+            protocol,
+            "PEEK",
+            session=key.session,
+            topic=key.topic,
+            des=key.node,
+            code=codes.OK,
+            size=len(message.payload) if message else 0,
+            msg=text,
+        )
+        return codes.OK, text, message
 
     def release(self, env: Envelope, *, protocol: str) -> tuple[str, str]:
         """Drop ``env``'s session's queues (only its topic's, if it names one); return

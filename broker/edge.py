@@ -1,11 +1,13 @@
 """The rules every untrusted value meets at the broker's edge, the same on both front ends.
 
 HTTP headers and gRPC call metadata carry the same PTP headers, and a pop's timeout comes as a
-query parameter (HTTP) or a message field (gRPC). Each value is parsed once, here, before any
-use; the rest of the broker sees only values that passed:
+query parameter (HTTP, in seconds as SPU's link sends it) or a message field (gRPC, in
+milliseconds as OSX reads it). Each value is parsed once, here, before any use; the rest of the
+broker sees only values that passed:
 
     names    session, topic, source and target node: 1 to 256 characters of letters, digits
-             and ``._:@#=+-`` (they key in-memory queues, never a file path)
+             and ``_.:@#=+-`` (they key queues, never a file path; FATE's session ids and
+             topics are full of underscores)
     text     trace id, instance ids, token: valid UTF-8 of at most 1024 bytes, printable ASCII
              only (they are passed on as gRPC metadata or HTTP headers, which carry no more)
     numbers  ASCII digits only, a bounded count of them, within a range; a timeout may have a
@@ -13,7 +15,7 @@ use; the rest of the broker sees only values that passed:
     once     a PTP header given twice in one request is ambiguous, so it is refused too
 
 A value that breaks a rule raises :class:`Refusal`, which carries the PTP code the front end
-answers with (``E0000000400``; ``E0000000401`` for the token, as a wrong token gets) and a
+answers with (``E0000000400``; ``E0000000403`` for the token, as a wrong token gets) and a
 reason that names the header and the rule, never the value.
 """
 
@@ -25,10 +27,11 @@ from . import codes
 
 NAME_MAX = 256
 TEXT_MAX_BYTES = 1024
-POP_TIMEOUT_MAX_S = 86_400  # one day; SPU's link asks for seconds
+POP_TIMEOUT_MAX_S = 86_400  # one day, for HTTP's ?timeout= (SPU's link asks for seconds)
+POP_TIMEOUT_MAX_MS = 2**31 - 1  # all an int32 holds: gRPC's PopInbound.timeout, as OSX reads it
 HOPS_MAX_DIGITS = 9
 
-_NAME = re.compile(rf"[A-Za-z0-9._:@#=+\-]{{1,{NAME_MAX}}}")
+_NAME = re.compile(rf"[A-Za-z0-9_.:@#=+\-]{{1,{NAME_MAX}}}")
 _PRINTABLE = re.compile(r"[\x20-\x7e]*")
 _SECONDS = re.compile(r"([0-9]{1,9})(?:\.([0-9]{1,9}))?")
 _DIGITS = re.compile(r"[0-9]+")
@@ -62,7 +65,7 @@ def name(what: str, raw: str | bytes) -> str:
     """A session, topic or node name (empty when absent)."""
     text = decode(what, raw, NAME_MAX)
     if text and not _NAME.fullmatch(text):
-        raise Refusal(f"{what} must be 1-{NAME_MAX} characters of letters, digits and ._:@#=+-")
+        raise Refusal(f"{what} must be 1-{NAME_MAX} characters of letters, digits and _.:@#=+-")
     return text
 
 
@@ -105,14 +108,20 @@ def seconds(what: str, raw: str | bytes, max_s: float) -> float | None:
     return result
 
 
-def pop_timeout(raw: str | bytes | int, default_s: float) -> float:
-    """A pop's wait in seconds: an HTTP ``timeout`` parameter or gRPC's int32 field.
+def pop_timeout(raw: str | bytes, default_s: float) -> float:
+    """A pop's wait in seconds from HTTP's ``timeout`` parameter (SPU's link sends seconds).
 
-    Absent (empty, or 0 in gRPC's field) means ``default_s``
-    (``consume.msg.waiting.timeout``)."""
-    if isinstance(raw, int):
-        if raw < 0 or raw > POP_TIMEOUT_MAX_S:
-            raise Refusal(f"pop timeout must be from 0 to {POP_TIMEOUT_MAX_S} s")
-        return float(raw) if raw else default_s
+    Absent (empty) means ``default_s`` (``consume.msg.waiting.timeout``); 0 answers at once."""
     value = seconds("pop timeout", raw, POP_TIMEOUT_MAX_S)
     return default_s if value is None else value
+
+
+def pop_timeout_ms(raw: int, default_s: float) -> float:
+    """A pop's wait in seconds from gRPC's ``PopInbound.timeout``, which is milliseconds (OSX
+    reads it so and FATE's client sends 36,000,000 by default).
+
+    0 is also what proto3 sends for an absent field, so it means ``default_s``; a negative
+    value is refused. Every positive int32 (up to about 24.8 days) is accepted, as OSX does."""
+    if raw < 0 or raw > POP_TIMEOUT_MAX_MS:
+        raise Refusal(f"pop timeout must be from 0 to {POP_TIMEOUT_MAX_MS} ms")
+    return raw / 1000 if raw else default_s

@@ -5,6 +5,10 @@ the message's own ``metadata`` map fill in any the call metadata lacks. Both are
 rules of :mod:`broker.edge`, and so are the messages themselves: bytes that do not decode are
 not grpc's problem (it would answer ``UNKNOWN`` and log a traceback) but a refusal like any
 other, answered with a PTP code in the method's own answer type.
+
+``PopInbound.timeout`` is milliseconds, as OSX reads it and FATE's client sends it; a pop that
+finds nothing in time is answered ``E0000000601`` with an empty payload, which FATE's client
+recognises as a timeout.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ log = logging.getLogger("broker.grpc")
 
 _PROTOCOL = "org.ppc.ptp.PrivateTransferProtocol"
 _TRANSPORT = "org.ppc.ptp.PrivateTransferTransport"
+# A pop is answered this long before a client deadline that is shorter than its timeout, so
+# that a message is not handed to a client that has already given up.
+_ANSWER_MARGIN_S = 0.25
 
 
 class _Undecodable:
@@ -74,26 +81,30 @@ def _outbound(
 
 
 class _Edge:
-    """Turns a refusal into the method's answer (and one rate-limited line); a bug, into a
-    PTP 500 with its traceback in the log. grpc itself would answer ``UNKNOWN``."""
+    """Turns a refusal into the method's answer (and one rate-limited line in broker.log and
+    in flow.log); a bug, into a PTP 500 with its traceback in the log. grpc itself would
+    answer ``UNKNOWN``."""
 
-    def __init__(self, refusals: RefusalLog) -> None:
+    def __init__(self, d: Dispatcher, protocol: str, refusals: RefusalLog) -> None:
+        self.d = d
+        self.protocol = protocol
         self.refusals = refusals
 
-    def answer(self, exc: Exception, context, where: str, answer_type):
+    def answer(self, exc: Exception, context, op: str, answer_type):
         if isinstance(exc, edge.Refusal):
-            self.refusals.note(context.peer(), where, exc.reason)
+            self.refusals.refused(self.protocol, op, context.peer(), exc)
+            self.d.counters[f"errors|{exc.code}"] += 1
             return answer_type(code=exc.code, message=exc.reason)
-        log.error("grpc %s failed", where, exc_info=exc)
+        log.error("%s %s failed", self.protocol, op, exc_info=exc)
         return answer_type(code=codes.INTERNAL, message=codes.DESCRIPTIONS[codes.INTERNAL])
 
-    def unary(self, where: str, answer_type, fn: Callable[..., Awaitable]):
+    def unary(self, answer_type, fn: Callable[..., Awaitable]):
         @functools.wraps(fn)
         async def handler(request, context):
             try:
                 return await fn(_decoded(request), context)
             except Exception as exc:  # noqa: BLE001 - every failure gets a PTP answer
-                return self.answer(exc, context, where, answer_type)
+                return self.answer(exc, context, fn.__name__, answer_type)
 
         return handler
 
@@ -120,7 +131,7 @@ class _Protocol:
                 request = _decoded(request)
                 yield await self._one(request, _envelope(context, request.metadata), context.peer())
             except Exception as exc:  # noqa: BLE001 - every failure gets a PTP answer
-                yield self.edge.answer(exc, context, f"{self.protocol} transport", ptp_pb2.Outbound)
+                yield self.edge.answer(exc, context, "transport", ptp_pb2.Outbound)
 
 
 class _Transport:
@@ -141,10 +152,13 @@ class _Transport:
     async def pop(self, request, context):
         key = self.d.queue_key(_envelope(context, topic=request.topic))
         default_s = self.d.cfg.consume_msg_waiting_timeout_ms / 1000
-        timeout = edge.pop_timeout(request.timeout, default_s)
+        timeout = edge.pop_timeout_ms(request.timeout, default_s)
+        deadline = context.time_remaining()  # None when the client set no deadline
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, deadline - _ANSWER_MARGIN_S))
         message = await self.d.pop(key, timeout, protocol=self.protocol)
         if message is None:
-            return _outbound(codes.NOT_FOUND, "no message yet")
+            return _outbound(codes.POP_TIMEOUT, codes.DESCRIPTIONS[codes.POP_TIMEOUT])
         return _outbound(codes.OK, "", message)
 
     async def peek(self, request, context):
@@ -164,13 +178,13 @@ def add_services(
     refusals: RefusalLog | None = None,
 ) -> None:
     """Serve both PTP services on ``server``, with request parsing that cannot fail."""
-    edge_ = _Edge(refusals or RefusalLog())
+    edge_ = _Edge(d, protocol, refusals or RefusalLog())
     proto, trans = _Protocol(d, protocol, edge_), _Transport(d, protocol)
     out, tout = ptp_pb2.Outbound, ptp_pb2.TransportOutbound
 
     def unary(fn, request_type, answer_type):
         return grpc.unary_unary_rpc_method_handler(
-            edge_.unary(f"{protocol} {fn.__name__}", answer_type, fn),
+            edge_.unary(answer_type, fn),
             request_deserializer=_lenient(request_type),
             response_serializer=answer_type.SerializeToString,
         )

@@ -10,8 +10,10 @@ Under ``http.context.path`` (default ``/v1``)::
 
 Every answer is HTTP 200 with a protobuf ``TransportOutbound {payload=1, code=2, message=3}``,
 refusals included: headers and the pop timeout are parsed from the raw request by the rules of
-:mod:`broker.edge`, and a value that breaks them is answered with its PTP code. Outside the
-context path: ``GET /health`` and ``GET /metrics`` (Prometheus text).
+:mod:`broker.edge`, and a value that breaks them is answered with its PTP code. A pop that
+finds nothing in time is ``E0000000601`` with an empty payload, as OSX answers it (SPU's link
+pops again on any answer without a payload). Outside the context path: ``GET /health`` and
+``GET /metrics`` (Prometheus text).
 """
 
 from __future__ import annotations
@@ -77,12 +79,14 @@ class HttpApi:
 
     @web.middleware
     async def _edge(self, request: web.Request, handler) -> web.StreamResponse:
-        """Every refusal becomes a PTP answer and one rate-limited line; a bug, a PTP 500."""
+        """Every refusal becomes a PTP answer and one rate-limited line in broker.log and in
+        flow.log; a bug, a PTP 500."""
         try:
             return await handler(request)
         except edge.Refusal as exc:
-            where = f"{self.protocol} {request.path.rsplit('/', 1)[-1]}"
-            self.refusals.note(_peer(request), where, exc.reason)
+            op = request.path.rsplit("/", 1)[-1]
+            self.refusals.refused(self.protocol, op, _peer(request), exc)
+            self.d.counters[f"errors|{exc.code}"] += 1
             return _answer(exc.code, exc.reason)
         except web.HTTPException:
             raise  # aiohttp's own answers: 404 and 405 for paths and methods not served
@@ -131,11 +135,11 @@ class HttpApi:
         wait = timeout - _ANSWER_MARGIN_S if timeout > 2 * _ANSWER_MARGIN_S else timeout
         message = await self.d.pop(key, wait, protocol=self.protocol)
         if message is None:
-            return _answer(codes.NOT_FOUND, "no message yet")
+            return _answer(codes.POP_TIMEOUT, codes.DESCRIPTIONS[codes.POP_TIMEOUT])
         if time.monotonic() - started > timeout + _LATE_S:
             self.d.queues.requeue(key, message)  # the consumer has most likely given up
             log.warning("pop of %s answered late; message kept for the next pop", key.topic)
-            return _answer(codes.NOT_FOUND, "no message yet")
+            return _answer(codes.POP_TIMEOUT, codes.DESCRIPTIONS[codes.POP_TIMEOUT])
         return await self._hand_over(request, key, message)
 
     async def _hand_over(self, request: web.Request, key: QueueKey, message) -> web.StreamResponse:

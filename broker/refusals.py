@@ -5,17 +5,25 @@ what they cannot parse themselves (a bad Content-Length, a 10 KB header line, me
 not UTF-8) and would log each with a full traceback at ERROR. :class:`LibraryLogFilter` turns
 those records into the same short lines. A storm of bad requests therefore costs at most
 ``per_window`` lines every ``window_s`` seconds, plus one line counting the rest.
+
+A refusal answered with a PTP code (:meth:`RefusalLog.refused`) also leaves a REFUSED line
+with that code in the flow log, throttled there the same way (:mod:`broker.flowlog`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
+import re
 import time
+
+from . import flowlog
+from .edge import Refusal
+from .flowlog import Held, Throttle
 
 log = logging.getLogger("broker.edge")
 
 _REASON_MAX = 160
+_QUOTED = re.compile(r"[\s:]+b?['\"]")  # where a library's message starts quoting the input
 
 
 def short(text: str, limit: int = _REASON_MAX) -> str:
@@ -28,52 +36,54 @@ class RefusalLog:
     """Rate-limited WARNING lines about refused requests: who sent what, and why."""
 
     def __init__(self, per_window: int = 20, window_s: float = 10.0, clock=time.monotonic):
-        self.per_window = per_window
-        self.window_s = window_s
-        self._clock = clock
-        # grpc's records come from its own threads as well as from the event loop.
-        self._lock = threading.Lock()
-        self._window_start = clock()
-        self._logged = 0
-        self._suppressed = 0
-        self.total = 0
+        self._throttle = Throttle(per_window, window_s, clock)
 
     def note(self, peer: str, where: str, reason: str) -> None:
         """Record one refusal of a request from ``peer`` to ``where`` (such as ``http pop``)."""
-        with self._lock:
-            self.total += 1
-            self._roll(self._clock())
-            if self._logged >= self.per_window:
-                self._suppressed += 1
-                return
-            self._logged += 1
-        log.warning("refused %s from %s: %s", where, peer or "unknown peer", short(reason))
+        admitted, held = self._throttle.admit()
+        _summarise(held)
+        if admitted:
+            log.warning("refused %s from %s: %s", where, peer or "unknown peer", short(reason))
+
+    def refused(self, protocol: str, op: str, peer: str, refusal: Refusal) -> None:
+        """A request answered with the refusal's PTP code: its WARNING line and its flow-log
+        line (which names the session, topic and target when the request named them)."""
+        self.note(peer, f"{protocol} {op}", refusal.reason)
+        env = getattr(refusal, "envelope", None)
+        flowlog.flow(
+            protocol,
+            flowlog.REFUSED,
+            session=env.session if env else "",
+            topic=env.topic if env else "",
+            des=env.target_node if env else "",
+            code=refusal.code,
+            address=peer,
+            msg=short(f"{op}: {refusal.reason}"),
+        )
 
     def flush(self, final: bool = False) -> None:
         """Report the refusals left unlogged in a window that has ended (called periodically),
-        or in the current one too (``final``, at stop)."""
-        with self._lock:
-            self._roll(self._clock(), final)
+        or in the current one too (``final``, at stop); in the flow log as well."""
+        _summarise(self._throttle.flush(final))
+        flowlog.flush(final)
 
-    def _roll(self, now: float, final: bool = False) -> None:
-        if now - self._window_start < self.window_s and not final:
-            return
-        if self._suppressed:
-            log.warning(
-                "refused %d more malformed requests in the last %.0f s (not logged one by one)",
-                self._suppressed,
-                now - self._window_start,
-            )
-        self._window_start = now
-        self._logged = 0
-        self._suppressed = 0
+
+def _summarise(held: Held | None) -> None:
+    if held is not None:
+        log.warning(
+            "refused %d more malformed requests in the last %.0f s (not logged one by one)",
+            sum(held.counts.values()),
+            held.seconds,
+        )
 
 
 class LibraryLogFilter(logging.Filter):
     """Turns a library's warnings and errors (about requests it refused) into refusal lines.
 
-    Attached to aiohttp's request-handler logger and to grpc's; records below WARNING pass
-    unchanged (and are dropped by the INFO level anyway)."""
+    Attached to aiohttp's request-handler logger and to grpc's. aiohttp logs a first request
+    that is not HTTP at all (random bytes, a TLS hello) at DEBUG, not to be noisy; such a
+    record, when the logger lets DEBUG through, is a refusal like the others. Other records
+    below WARNING pass unchanged (and are dropped by the INFO level anyway)."""
 
     def __init__(self, refusals: RefusalLog, where: str) -> None:
         super().__init__()
@@ -81,19 +91,21 @@ class LibraryLogFilter(logging.Filter):
         self.where = where
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        # aiohttp's "Error handling request from %s" passes the client's address.
+        about_request = "request from" in str(record.msg)
+        if record.levelno < logging.WARNING and not (about_request and record.exc_info):
             return True
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
-            # aiohttp's parser errors carry a one-line .message; str() may add raw bytes.
-            detail = getattr(exc, "message", None) or str(exc)
-            reason = f"{type(exc).__name__}: {str(detail).splitlines()[0] if detail else ''}"
+            # aiohttp's parser errors carry a one-line .message, which may quote the refused
+            # bytes ('...' or b'...'): the reason stops before them.
+            detail = str(getattr(exc, "message", None) or exc).splitlines()
+            detail = _QUOTED.split(detail[0], maxsplit=1)[0] if detail else ""
+            reason = f"{type(exc).__name__}: {detail}"
         else:
             # The bare template: the values may be the very bytes that were refused.
             reason = str(record.msg).replace("%s", "...")
-        # aiohttp's "Error handling request from %s" passes the client's address.
-        peer = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
-        if "request from" not in str(record.msg):
-            peer = ""
+        args = record.args
+        peer = str(args[0]) if about_request and isinstance(args, tuple) and args else ""
         self.refusals.note(peer, self.where, reason)
         return False

@@ -30,7 +30,7 @@ def test_http_push_at_alice_is_popped_at_bob(brokers):
     got = _http(bob, "pop", _hdr("s1", "alice-bob", "bob"), query="?timeout=2")
     assert got.code == codes.OK and got.payload == payload
     empty = _http(bob, "pop", _hdr("s1", "alice-bob", "bob"), query="?timeout=0.2")
-    assert empty.code == codes.NOT_FOUND and empty.payload == b""
+    assert empty.code == codes.POP_TIMEOUT and empty.payload == b""
 
 
 def test_long_poll_pop_returns_when_the_message_arrives(brokers):
@@ -59,7 +59,7 @@ def test_release_drops_a_sessions_queues(brokers):
         assert _http(alice, "push", _hdr("s3", f"t{i}", "alice", "bob"), b"x").code == codes.OK
     assert _http(bob, "release", {"x-ptp-session-id": "s3"}).code == codes.OK
     got = _http(bob, "pop", _hdr("s3", "t0", "bob"), query="?timeout=0")
-    assert got.code == codes.NOT_FOUND
+    assert got.code == codes.POP_TIMEOUT and got.payload == b""
 
 
 def test_push_for_an_unrouted_party_says_no_route(brokers):
@@ -104,7 +104,7 @@ def test_grpc_client_from_project_proto_pushes_at_alice_and_pops_at_bob(brokers)
     with grpc.insecure_channel(f"127.0.0.1:{bob.grpc_port}") as ch:
         stub = ptp_pb2_grpc.PrivateTransferTransportStub(ch)
         out = stub.pop(
-            ptp_pb2.PopInbound(topic="alice-bob", timeout=5), metadata=md("bob"), timeout=10
+            ptp_pb2.PopInbound(topic="alice-bob", timeout=5000), metadata=md("bob"), timeout=10
         )
         assert out.code == codes.OK and out.payload == b"hello bob"
 
@@ -271,7 +271,7 @@ def test_client_generated_from_the_proto_file_pushes_and_pops(tmp_path, brokers)
         assert out_msg.code == codes.OK, out_msg.message
     with grpc.insecure_channel(f"127.0.0.1:{bob.grpc_port}") as ch:
         got = pb_grpc.PrivateTransferTransportStub(ch).pop(
-            pb.PopInbound(topic="gen-topic", timeout=5),
+            pb.PopInbound(topic="gen-topic", timeout=5000),
             metadata=(("x-ptp-session-id", "gen1"), ("x-ptp-source-node-id", "bob")),
             timeout=10,
         )

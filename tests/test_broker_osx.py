@@ -106,7 +106,9 @@ def test_token_is_required_when_configured(tmp_path):
         # Routes without the token: the peer refuses, stores nothing, logs it.
         r = _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"x")
         assert r.code == codes.UNAUTHORIZED and "token" in r.message
-        assert _http(bob, "pop", _hdr("k1", "t", "bob"), query="?timeout=0").code == codes.NOT_FOUND
+        assert (
+            _http(bob, "pop", _hdr("k1", "t", "bob"), query="?timeout=0").code == codes.POP_TIMEOUT
+        )
         assert "|REFUSED|" in bob.flow_log()
         alice.write_routes({"bob": {"default": [{**route_to(bob)[0], "token": "s3cret"}]}})
         assert wait_for(
@@ -126,7 +128,9 @@ def test_idle_queues_expire(tmp_path):
     try:
         assert _http(alice, "push", _hdr("e1", "t", "alice", "bob"), b"old").code == codes.OK
         assert wait_for(lambda: "|QUEUE_EXPIRED|" in bob.flow_log(), 5)
-        assert _http(bob, "pop", _hdr("e1", "t", "bob"), query="?timeout=0").code == codes.NOT_FOUND
+        assert (
+            _http(bob, "pop", _hdr("e1", "t", "bob"), query="?timeout=0").code == codes.POP_TIMEOUT
+        )
     finally:
         alice.stop()
         bob.stop()
@@ -136,7 +140,7 @@ def test_pop_without_timeout_waits_consume_msg_waiting_timeout(tmp_path):
     alice, bob = start_pair(tmp_path / "b", properties={"consume.msg.waiting.timeout": "700"})
     try:
         t = time.monotonic()
-        assert _http(bob, "pop", _hdr("w1", "t", "bob")).code == codes.NOT_FOUND
+        assert _http(bob, "pop", _hdr("w1", "t", "bob")).code == codes.POP_TIMEOUT
         assert 0.3 < time.monotonic() - t < 5
     finally:
         alice.stop()
@@ -257,7 +261,7 @@ def test_sigterm_answers_waiting_pops_and_exits_promptly(brokers):
     assert bob.proc.wait(15) == 0
     th.join(10)
     assert time.monotonic() - t < 10
-    assert result["r"].code == codes.NOT_FOUND
+    assert result["r"].code == codes.POP_TIMEOUT
 
 
 @pytest.mark.parametrize(
