@@ -82,8 +82,8 @@ class LibraryLogFilter(logging.Filter):
 
     Attached to aiohttp's request-handler logger and to grpc's. aiohttp logs a first request
     that is not HTTP at all (random bytes, a TLS hello) at DEBUG, not to be noisy; such a
-    record, when the logger lets DEBUG through, is a refusal like the others. Other records
-    below WARNING pass unchanged (and are dropped by the INFO level anyway)."""
+    record, when the logger lets DEBUG through, is a refusal like the others, and the
+    library's other DEBUG records are dropped. INFO records pass unchanged."""
 
     def __init__(self, refusals: RefusalLog, where: str) -> None:
         super().__init__()
@@ -94,7 +94,7 @@ class LibraryLogFilter(logging.Filter):
         # aiohttp's "Error handling request from %s" passes the client's address.
         about_request = "request from" in str(record.msg)
         if record.levelno < logging.WARNING and not (about_request and record.exc_info):
-            return True
+            return record.levelno >= logging.INFO
         exc = record.exc_info[1] if record.exc_info else None
         if exc is not None:
             # aiohttp's parser errors carry a one-line .message, which may quote the refused
