@@ -202,7 +202,7 @@ class JobRun:
 
     def _handshake(self, inp: data.InputTable) -> Agreement:
         mode = "check" if self.check_only else "run"
-        mine = self._checkpoint_offer()
+        mine = self._checkpoint_offer(inp)
         self._talked = True
         agreed = handshake.handshake(
             self.spec,
@@ -219,13 +219,17 @@ class JobRun:
         self._agree_on_resume(mine, agreed.peer_checkpoint or {})
         return agreed
 
-    def _checkpoint_offer(self) -> dict:
+    def _checkpoint_offer(self, inp: data.InputTable) -> dict:
         """What we tell the peer about our checkpoint: the joint run it belongs to, or why
         there is none to resume (words only, no data)."""
         if self.check_only or not checkpoint.supported(self.spec):
             return {}
         self.checkpoint = Checkpoint.of(self.spec, self.party)
         self._input_digest = checkpoint.input_digest(self.spec.parties[self.party].input)
+        if inp.plan is not None and inp.plan.salt is not None:
+            # Another salt gives other keys from the same file: a checkpoint of its own.
+            fp = normalize.salt_fingerprint(self.spec.job_id, inp.plan.salt)
+            self._input_digest += f":salt-{fp}"
         if self.fresh:
             self.checkpoint.remove()
             return {"run": "", "why": "was started with --fresh"}

@@ -53,6 +53,12 @@ def test_each_text_step_does_what_the_standard_library_does(step, reference):
     assert _run([Step(step)], VALUES) == [reference(v) for v in VALUES]
 
 
+def test_digits_only_works_slice_by_slice(monkeypatch):
+    monkeypatch.setattr(normalize, "_DIGITS_SLICE", 3)
+    values = VALUES * 3 + ["１２3", "0", "a1b2c3"]
+    assert _run([Step("digits_only")], values) == [re.sub(r"[^0-9]", "", v) for v in values]
+
+
 def test_lower_and_upper_follow_unicode_case_mapping_one_to_one():
     values = ["Li.Wei@Example.COM", "ÄÖÜ é", "ΣΑΒ", "abc"]  # (not a final sigma: see README)
     assert _run([Step("lower")], values) == [v.lower() for v in values]
@@ -97,7 +103,7 @@ def test_sha256_is_hex_of_the_salt_and_the_value_in_one_process_or_many(monkeypa
     assert normalize.sha256_hex(pa.array(values), salt, workers=1).to_pylist() == want
     monkeypatch.setattr(normalize, "HASH_PARALLEL_FROM", 5)
     monkeypatch.setattr(normalize, "_HASH_CHUNK", 4)
-    assert normalize.sha256_hex(pa.array(values), salt, workers=2).to_pylist() == want
+    assert normalize.sha256_hex(pa.array(values), salt, workers=4).to_pylist() == want
     plain = normalize.sha256_hex(pa.array(["x"]), None, workers=1).to_pylist()
     assert plain == [hashlib.sha256(b"x").hexdigest()]
 
