@@ -254,7 +254,7 @@ class QueueStore:
         q = self._queues.pop(key)
         for waiter in q.waiters:
             if not waiter.done():
-                waiter.cancel()
+                waiter.set_result(None)  # a pop waiting on a released queue: "nothing came"
         q.unconfirmed.extend((m.id, len(m.payload)) for m in q.messages)
         q.messages.clear()
         q.size = 0

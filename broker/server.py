@@ -107,6 +107,10 @@ class Broker:
         for old in list(server_log.filters):  # a broker started earlier in this process
             server_log.removeFilter(old)
         server_log.addFilter(LibraryLogFilter(self.refusals, f"{protocol} request"))
+        # aiohttp reports a request that is not HTTP at all (random bytes, a TLS hello on the
+        # plain port) only at DEBUG; the filter turns it into one rate-limited refusal line
+        # and drops aiohttp's other DEBUG records.
+        server_log.setLevel(logging.DEBUG)
         runner = web.AppRunner(
             app,
             access_log=None,

@@ -38,7 +38,7 @@ SPEC = parse_spec(
             BackendError,
             "absolute",
         ),
-        ("push failed code E0000000601 no route", PeerError, "route_table.json"),
+        ("push failed code E0000000618 no route", PeerError, "route_table.json"),
     ],
 )
 def test_known_spu_errors_get_a_cause_and_a_next_step(raw, cls, needle):

@@ -38,17 +38,17 @@ _RULES: list[tuple[str, type[PsiRunError], str]] = [
         "and writable",
     ),
     (
-        "E0000000601",
+        "E0000000618",
         PeerError,
         "this party's broker has no route to {peer}: add {peer} to its route_table.json",
     ),
     (
-        "E0000000602",
+        "E0000000607",
         PeerError,
         "the broker of {peer} is unreachable: check the route in route_table.json and the network",
     ),
     (
-        "E0000000401",
+        "E0000000403",
         PeerError,
         "{peer}'s broker refused the message: add this party to its route_table.json",
     ),
