@@ -36,7 +36,7 @@ import pyarrow as pa
 from broker import codes
 
 from . import notice
-from .broker_client import BrokerClient
+from .broker_client import BROKER_GRACE_S, BrokerClient
 from .errors import PeerError, ResultsDisagree
 from .handshake import Agreement, control_channel
 from .spec import JobSpec
@@ -157,22 +157,26 @@ class _Talk:
         self.session = notice.control_session(spec)
         self.control = control_channel(spec, me)
         self.silence_s = float(os.environ.get("PSI_RUN_PEER_SILENCE_S", "90"))
+        self.down_since = 0.0  # when our broker first failed to answer (0: it answers)
 
     def send(self, summary: Summary) -> None:
         body = {"type": "agree", "party": self.me, "nonce": self.agreed.nonce,
                 "to": self.agreed.peer_nonce, "count": summary.count, "rows": summary.rows,
                 "digest": summary.digest}  # fmt: skip
-        try:
-            out = self.client.push(
-                self.session,
-                f"ag-{self.me}-{self.peer}",
-                self.me,
-                self.peer,
-                json.dumps(body, sort_keys=True).encode(),
-                30.0,
-            )
-        except (OSError, ValueError) as exc:
-            raise PeerError(self._broken(f"own broker did not answer: {exc}")) from None
+        while True:
+            try:
+                out = self.client.push(
+                    self.session,
+                    f"ag-{self.me}-{self.peer}",
+                    self.me,
+                    self.peer,
+                    json.dumps(body, sort_keys=True).encode(),
+                    30.0,
+                )
+                break
+            except (OSError, ValueError) as exc:
+                self._broker_away(exc)
+        self.down_since = 0.0
         if out.code != codes.OK:
             raise PeerError(self._broken(f"{out.code} {out.message}"))
 
@@ -206,7 +210,9 @@ class _Talk:
         try:
             out = self.client.pop(self.session, topic, self.me, wait_s)
         except (OSError, ValueError) as exc:
-            raise PeerError(self._broken(f"own broker did not answer: {exc}")) from None
+            self._broker_away(exc)
+            return None
+        self.down_since = 0.0
         if out.code != codes.OK or not out.payload:
             return None
         try:
@@ -216,6 +222,15 @@ class _Talk:
         if not isinstance(msg, dict) or msg.get("nonce") != self.agreed.peer_nonce:
             return None  # another run's message
         return msg if msg.get("to") == self.agreed.nonce else None
+
+    def _broker_away(self, exc: Exception) -> None:
+        """Our broker did not answer: wait a moment (it may be restarting; its durable queues
+        keep what it accepted), or fail once it has been away for BROKER_GRACE_S."""
+        now = time.monotonic()
+        self.down_since = self.down_since or now
+        if now - self.down_since >= BROKER_GRACE_S:
+            raise PeerError(self._broken(f"own broker did not answer: {exc}")) from None
+        time.sleep(0.5)
 
     def _beat(self) -> None:
         beat = {"type": "beat", "party": self.me, "nonce": self.agreed.nonce,
