@@ -61,7 +61,7 @@ def test_valid_spec_has_defaults(tmp_path: Path) -> None:
     assert link.connect_retry_times == 60
     assert link.connect_retry_interval_ms == 1000
     assert link.brpc_channel_protocol == "http"
-    assert link.brpc_channel_connection_type == "pooled"
+    assert link.brpc_channel_connection_type == "short"
     assert link.recv_timeout_ms == 1_200_000
     assert link.http_timeout_ms == 1_200_000
     assert link.warnings() == []
