@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
 from collections import Counter, OrderedDict
 
@@ -25,6 +26,7 @@ SESSIONS_COUNTED = 10_000  # sessions whose traffic /v1/interconn/chan/traffic c
 # yacl's link sends keep-alives of 11 to 70 bytes every 5 s on an idle session: that is not
 # progress, so session traffic counts only larger messages.
 KEEPALIVE_MAX_BYTES = 256
+DUPLICATE_ENV = "PSI_BROKER_TEST_DUPLICATES"
 log = logging.getLogger("broker.dispatch")
 
 
@@ -34,6 +36,11 @@ class Dispatcher:
     def __init__(self, cfg: BrokerConfig, routes: RouteTableFile) -> None:
         self.cfg = cfg
         self.routes = routes
+        # Test-only: deliver every message twice, as a restart may deliver one (the tests show
+        # that SPU's link and psi-run's control channel take that). Never set in production.
+        self.duplicate_for_tests = os.environ.get(DUPLICATE_ENV) == "1"
+        if self.duplicate_for_tests:
+            log.warning("%s is set: every message is delivered twice (tests only)", DUPLICATE_ENV)
         self.store = (
             MessageStore(cfg.resolve(cfg.queue_store_dir), fsync=cfg.queue_store_fsync)
             if cfg.queue_durable
@@ -126,6 +133,8 @@ class Dispatcher:
         if table.is_self(env.target_node):
             key = QueueKey(env.session, env.target_node, env.topic)
             code, depth = self.queues.push(key, Message(payload, env.headers()))
+            if code == codes.OK and self.duplicate_for_tests:
+                self.queues.push(key, Message(payload, env.headers()))
             outcome.record("MSG_DOWNLOAD", code, f"offset-in-queue:{depth}", peer_addr)
             return code, codes.DESCRIPTIONS.get(code, "")
 
