@@ -319,15 +319,20 @@ class _Handshake:
     def _on_notice(self, msg: dict) -> None:
         if msg.get("to") == self.nonce:
             raise notice.peer_failed(self.spec, msg)
+        if msg.get("holder") and msg.get("holder") == self.peer_nonce:
+            return  # a second run was refused at the peer; the one we talk to goes on
         if not msg.get("to") and notice.is_fresh(msg):
             # Sent before the peer met us: maybe from a run that has been started again since.
             self.notice = msg
             self.notice_deadline = time.monotonic() + NOTICE_GRACE_S
 
     def _on_hello(self, msg: dict, started: float) -> Agreement | None:
-        if self.notice is not None and notice.sent_at(msg) > notice.sent_at(self.notice):
-            self.notice = None  # the peer was started again after its failure
         their_nonce = str(msg.get("nonce", ""))
+        if self.notice is not None and (
+            notice.sent_at(msg) > notice.sent_at(self.notice)  # started again after its failure
+            or self.notice.get("holder") == their_nonce  # the run that refused the other
+        ):
+            self.notice = None
         if their_nonce != self.peer_nonce:
             self.peer_nonce = their_nonce
             self._answer()

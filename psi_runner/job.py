@@ -34,6 +34,7 @@ from . import (
     data,
     handshake,
     interrupts,
+    joblock,
     normalize,
     notice,
     report,
@@ -91,6 +92,7 @@ class JobRun:
         self.work: Path | None = None
         self.sessions: list[str] = []  # link sessions whose queues our broker should drop
         self.watchdog: JobWatchdog | None = None
+        self.lock: joblock.JobLock | None = None  # held from preflight to cleanup
         self._talked = False  # the handshake began: our broker holds control messages
         self._announced = False
         self._cleaned = False
@@ -108,7 +110,7 @@ class JobRun:
             log.warning("%s: %s", self.tag, warning)
         try:
             with self._stage("preflight"):
-                inp = preflight(self.spec, self.party)
+                inp = preflight(self.spec, self.party, take_lock=self._take_lock)
                 self.events.emit("input", rows=inp.rows)
             log.info("%s: input has %d rows, plain=%s", self.tag, inp.rows, inp.plain)
             self._tell_normalized(inp)
@@ -183,6 +185,9 @@ class JobRun:
         self._announce(stage, exc)
 
     # -- stages ------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        self.lock = joblock.JobLock.acquire(self.spec, self.party, self.nonce)
 
     def _tell_normalized(self, inp: data.InputTable) -> None:
         """What normalisation did, per key column: counts only, never values."""
@@ -434,6 +439,8 @@ class JobRun:
         if self.watchdog is not None:
             self.watchdog.stop()
         remove_work_dir(self.work)
+        if self.lock is not None:
+            self.lock.release()
         if not self._talked:
             return
         for session in self.sessions:

@@ -12,6 +12,10 @@ this run has met it; a notice addressed to another nonce belongs to another atte
 ignored. A run that fails before it met its peer sends an unaddressed notice; the peer takes it
 for ``NOTICE_TTL_S`` after it was sent (a peer started after the failure learns of it at once),
 unless a newer HELLO of the same party follows it (the party has been started again).
+
+A run refused because another run of the same job is in progress at its side (``joblock``)
+sends kind ``BUSY_KIND`` and ``holder``, the nonce of the run in progress: a peer run that
+talks to that holder ignores the notice, any other learns why nothing answers it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from broker import codes
 
 from .broker_client import BrokerClient
 from .errors import Interrupted, PeerError, PsiRunError, Stalled
+from .joblock import BUSY_KIND
 from .spec import JobSpec
 
 log = logging.getLogger("psi_runner.notice")
@@ -52,7 +57,7 @@ def failure_notice(party: str, stage: str, exc: BaseException, nonce: str, to: s
         kind = Interrupted.kind
     else:
         kind = PsiRunError.kind
-    return {
+    message = {
         "type": "abort",
         "party": party,
         "nonce": nonce,
@@ -61,6 +66,10 @@ def failure_notice(party: str, stage: str, exc: BaseException, nonce: str, to: s
         "kind": kind,
         "sent_at": time.time(),
     }
+    holder = getattr(exc, "holder", None)
+    if kind == BUSY_KIND and isinstance(holder, str):
+        message["holder"] = holder
+    return message
 
 
 def send_notice(spec: JobSpec, me: str, notice: dict) -> bool:
@@ -103,6 +112,14 @@ def peer_failed(spec: JobSpec, notice: dict) -> PsiRunError:
         return Stalled(
             f"job {spec.job_id}: {party} found that the PSI made no progress on either side "
             f"(stalled during {stage}){when}; it was stopped and no result was written"
+        )
+    if kind == BUSY_KIND:
+        return PeerError(
+            f"job {spec.job_id}: {party} refused to start another run of this job{when}: a run "
+            f"of it is still in progress at {party} and is not talking to this one; run the "
+            f"job again at both sides when {party}'s run has finished",
+            kind="the peer failed",
+            from_peer=True,
         )
     if kind == Interrupted.kind:
         what = f"{party} was interrupted (Ctrl-C, SIGINT or SIGTERM) during {stage}{when}"

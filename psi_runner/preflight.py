@@ -8,18 +8,26 @@ normalisation (values a step cannot parse or that become empty, refused or dropp
 ``on_invalid`` says; duplicates after normalisation); this party's broker (its
 HTTP PTP port answers and serves this party) and, with ``backend: ray``, the party's Ray head.
 The cheap path checks come first, so a bad output is named before a large input is read.
-Every problem raises ``PreflightError``.
+A second run of a job still in progress for the same party and output is refused right after
+the path checks (``joblock``). Every problem raises ``PreflightError``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from . import broker_client, data, normalize, rayhead
 from .errors import PreflightError, shown
 from .spec import JobSpec
 
 
-def preflight(spec: JobSpec, party: str) -> data.InputTable:
-    """Run every local check; the inspected input."""
+def preflight(
+    spec: JobSpec, party: str, take_lock: Callable[[], None] | None = None
+) -> data.InputTable:
+    """Run every local check; the inspected input.
+
+    ``take_lock`` runs once the output folder exists and before the input is read, so a second
+    run of a job that is in progress is refused at once (``joblock``)."""
     if party not in spec.parties:
         raise PreflightError(
             f"--party {shown(party)} is not in the spec; the parties are {', '.join(spec.parties)}"
@@ -27,6 +35,8 @@ def preflight(spec: JobSpec, party: str) -> data.InputTable:
     me = spec.parties[party]
     data.check_input_path(me.input)
     data.check_output_location(me.output)
+    if take_lock is not None:
+        take_lock()
     plan = normalize.plan_for(spec, party)  # reads the salt file, if a step needs one
     inp = data.inspect_input(me.input, spec.keys, spec.allow_duplicate_keys, plan)
     broker_client.check_broker(me.broker, party)

@@ -1,0 +1,121 @@
+"""Several jobs at once through one broker pair, and one run at a time of the same job."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from conftest import assert_same_rows, expected_rows, make_ids, read_result, run_ok, write_csv
+from conftest import write_spec as _write_spec
+
+from harness.localnet import psi_run_command
+from psi_runner.joblock import JobLock, lock_path
+from psi_runner.spec import load_spec
+
+
+def _job(folder: Path, pair, job_id: str, seed: int, protocol: str = "RR22") -> Path:
+    rng = random.Random(seed)
+    shared = [*make_ids(200, f"s{seed}-", rng), "张三", 'q"x', "a,b"]
+    a = shared + make_ids(150, "a", rng)
+    b = make_ids(120, "b", rng) + shared
+    rng.shuffle(a)
+    rng.shuffle(b)
+    write_csv(folder / "data/alice.csv", {"uid": a, "n": [str(i) for i in range(len(a))]})
+    write_csv(folder / "data/bob.csv", {"uid": b})
+    return _write_spec(folder, pair, job_id=job_id, protocol=protocol, timeout_s=120)
+
+
+def _check(folder: Path) -> None:
+    for me, other in (("alice", "bob"), ("bob", "alice")):
+        want = expected_rows(folder / f"data/{me}.csv", folder / f"data/{other}.csv", ["uid"])
+        assert len(want) == 203
+        assert_same_rows(read_result(folder / f"out/{me}_psi.csv"), want)
+
+
+def _start(spec: Path, party: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        psi_run_command(spec, party), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_four_jobs_at_once_through_one_broker_pair_each_match_pandas(tmp_path, pair):
+    folders = [tmp_path / f"job{i}" for i in range(4)]
+    protocols = ["RR22", "KKRT", "RR22", "KKRT"]
+    specs = [_job(f, pair, f"many-{i}", i, protocols[i]) for i, f in enumerate(folders)]
+    results: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        try:
+            results[i] = run_ok(specs[i], ["alice", "bob"], timeout_s=180)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, folder in enumerate(folders):
+        assert not isinstance(results[i], BaseException), results[i]
+        _check(folder)
+        assert {r["job_id"] for r in results[i]} == {f"many-{i}"}  # type: ignore[union-attr]
+
+
+def test_second_run_of_a_running_job_is_refused_at_once_and_the_first_goes_on(tmp_path, pair):
+    spec = _job(tmp_path, pair, "once-1", 11)
+    first = _start(spec, "alice")  # waits in its handshake for bob
+    assert _wait(lambda: lock_path(load_spec(spec), "alice").exists())
+    started = time.monotonic()
+    second = subprocess.run(
+        psi_run_command(spec, "alice"), capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode == 3, second.stderr
+    assert time.monotonic() - started < 15  # at once, not at a timeout
+    assert "another run of this job for party alice is still in progress" in second.stderr
+    assert "Traceback" not in second.stderr
+    # bob starts after the refusal: he meets the first run (the refusal names it) and the job
+    # completes as if nothing had happened.
+    bob = _start(spec, "bob")
+    for proc in (first, bob):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert json.loads(out)["intersection_count"] == 203
+    _check(tmp_path)
+    assert not lock_path(load_spec(spec), "alice").exists()
+    # The daily rerun in the same place, after the first finished.
+    (tmp_path / "out/alice_psi.csv").unlink()
+    run_ok(spec, ["alice", "bob"])
+    _check(tmp_path)
+
+
+def test_peer_waiting_for_a_refused_run_stops_with_a_clear_line(tmp_path, pair):
+    spec = _job(tmp_path, pair, "once-2", 12)
+    # A run of this job at alice that is past its handshake (it never says hello again).
+    (tmp_path / "out").mkdir()
+    held = JobLock.acquire(load_spec(spec), "alice", "feedface" * 3)
+    try:
+        bob = _start(spec, "bob")
+        alice = subprocess.run(
+            psi_run_command(spec, "alice"), capture_output=True, text=True, timeout=60
+        )
+        assert alice.returncode == 3, alice.stderr
+        _, err = bob.communicate(timeout=60)
+    finally:
+        held.release()
+    assert bob.returncode == 4, err
+    assert "alice refused to start another run of this job" in err
+    assert "still in progress at alice" in err
+    assert not (tmp_path / "out/bob_psi.csv").exists()
+
+
+def _wait(predicate, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
