@@ -42,11 +42,16 @@ def supported(spec: JobSpec) -> bool:
 
 
 def input_digest(path: Path) -> str:
-    """A digest of the party's input file (BLAKE2b; it reads the file once, in chunks)."""
+    """A digest of the party's input file, or of a Parquet folder's files and their names
+    (BLAKE2b; it reads each file once, in chunks)."""
     h = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(file.name.encode("utf-8", "surrogateescape") + b"\0")
+        with open(file, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
     return h.hexdigest()
 
 

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from . import parquet_io
 from .errors import PreflightError, cut, shown
 from .normalize import KeyPlan, Normalized, duplicate_rows, normalize_keys
 from .specfile import file_kind
@@ -72,6 +73,9 @@ class InputTable:
     plain: bool  # the raw file can be given to SPU as it is
     normalized: Normalized | None = None  # None: the keys are the file's values, every row
     plan: KeyPlan | None = None  # how the keys were normalised (and the salt, if any)
+    # A Parquet input: ``table`` holds only the key columns (as text); the rows are read
+    # again from here, row group by row group, to write the result.
+    source: parquet_io.ParquetSource | None = None
 
     @property
     def rows(self) -> int:
@@ -121,7 +125,9 @@ def _input_stat(path: Path, where: str) -> os.stat_result:
 
 def _refuse_kind(st: os.stat_result, where: str) -> None:
     if stat.S_ISDIR(st.st_mode):
-        raise PreflightError(f"{where}: is a folder; point input at a CSV file")
+        raise PreflightError(
+            f"{where}: is a folder; point input at a CSV file (or a Parquet file or folder)"
+        )
     if not stat.S_ISREG(st.st_mode):
         raise PreflightError(
             f"{where}: is {file_kind(st.st_mode)}, not a regular file; save the data to a "
@@ -275,13 +281,7 @@ def inspect_input(
     if table.num_rows == 0:
         raise PreflightError(f"{where}: has a header but no rows")
 
-    normalized = None
-    if plan is not None and plan.active:
-        normalized = normalize_keys(table, plan, where)
-        if not allow_duplicates:
-            _check_normalized_duplicates(normalized, where)
-    elif not allow_duplicates:
-        _check_duplicates(table, keys, where)
+    normalized = _checked_keys(table, keys, allow_duplicates, plan, where)
     # SPU aligns the two outputs row by row only when the key is the first column (it sorts
     # by the first column otherwise); the canonical-key file always has the key first.
     plain = (
@@ -294,6 +294,46 @@ def inspect_input(
     )
     return InputTable(
         path=path, columns=header, table=table, plain=plain, normalized=normalized, plan=plan
+    )
+
+
+def _checked_keys(
+    table: pa.Table,
+    keys: tuple[str, ...],
+    allow_duplicates: bool,
+    plan: KeyPlan | None,
+    where: str,
+) -> Normalized | None:
+    """Normalise the keys as ``plan`` says and refuse duplicates (unless allowed)."""
+    normalized = None
+    if plan is not None and plan.active:
+        normalized = normalize_keys(table, plan, where)
+        if not allow_duplicates:
+            _check_normalized_duplicates(normalized, where)
+    elif not allow_duplicates:
+        _check_duplicates(table, keys, where)
+    return normalized
+
+
+def inspect_parquet(
+    path: Path,
+    keys: tuple[str, ...],
+    allow_duplicates: bool = False,
+    plan: KeyPlan | None = None,
+) -> InputTable:
+    """Check a Parquet file or folder (``parquet_io``) by the same rules as a CSV file;
+    only its key columns are kept in memory."""
+    source = parquet_io.source_of(path)
+    table = parquet_io.read_keys(source, keys)
+    normalized = _checked_keys(table, keys, allow_duplicates, plan, parquet_io.where(path))
+    return InputTable(
+        path=path,
+        columns=source.schema.names,
+        table=table,
+        plain=False,  # SPU reads CSV only: it always gets the canonical-key file
+        normalized=normalized,
+        plan=plan,
+        source=source,
     )
 
 
@@ -460,20 +500,31 @@ def read_result_keys(spu_output: Path, keys: tuple[str, ...]) -> pa.Table:
 
 
 def write_result(inp: InputTable, rows: np.ndarray, dest: Path) -> int:
-    """Write the input rows at ``rows`` (in that order) with the input's header; return count."""
+    """Write the input rows at ``rows`` (in that order) with the input's columns; return count.
+
+    ``dest`` is Parquet (``parquet_io.is_parquet_output``: the input's column types, and the
+    rows of a join that only the peer has are NULL) or CSV (those rows' fields are
+    ``NULL_TEXT``)."""
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     missing = rows < 0
-    if missing.any():  # a join's rows that only the peer has: every field is NULL_TEXT
-        valid = pa.py_buffer(np.packbits(~missing, bitorder="little"))
-        out = inp.table.take(
-            pa.Int64Array.from_buffers(
-                pa.int64(), len(rows), [valid, pa.py_buffer(np.where(missing, 0, rows))]
-            )
-        )
-        out = pa.table({name: pc.fill_null(out[name], NULL_TEXT) for name in out.column_names})
+    if inp.source is not None:
+        out = inp.source.take(rows)
     else:
+        valid = pa.py_buffer(np.packbits(~missing, bitorder="little")) if missing.any() else None
+        index = np.where(missing, 0, rows)
         out = inp.table.take(
-            pa.Int64Array.from_buffers(pa.int64(), len(rows), [None, pa.py_buffer(rows)])
+            pa.Int64Array.from_buffers(pa.int64(), len(rows), [valid, pa.py_buffer(index)])
+        )
+    if parquet_io.is_parquet_output(dest):
+        parquet_io.write_table(out, dest)
+        return out.num_rows
+    if missing.any():  # a join's rows that only the peer has: every field is NULL_TEXT
+        mask = pa.array(missing)
+        out = pa.table(
+            {
+                name: pc.if_else(mask, NULL_TEXT, pc.cast(out[name], pa.string()))
+                for name in out.column_names
+            }
         )
     pcsv.write_csv(out, dest, pcsv.WriteOptions(quoting_style="needed"))
     return out.num_rows

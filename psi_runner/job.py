@@ -382,7 +382,7 @@ class JobRun:
         if not self._receives():
             return None
         assert self.work is not None
-        final_tmp = self.work / "result.csv"
+        final_tmp = self.work / ("result" + spec.parties[self.party].output.suffix)
         if inp.plain:
             os.replace(call.output_path, final_tmp)
             count = data.count_csv_rows(final_tmp)

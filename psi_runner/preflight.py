@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import broker_client, data, normalize, rayhead
+from . import broker_client, data, normalize, parquet_io, rayhead
 from .errors import PreflightError, shown
 from .spec import JobSpec
 
@@ -33,12 +33,17 @@ def preflight(
             f"--party {shown(party)} is not in the spec; the parties are {', '.join(spec.parties)}"
         )
     me = spec.parties[party]
-    data.check_input_path(me.input)
+    parquet = parquet_io.is_parquet(me.input)
+    if not parquet:
+        data.check_input_path(me.input)
     data.check_output_location(me.output)
     if take_lock is not None:
         take_lock()
     plan = normalize.plan_for(spec, party)  # reads the salt file, if a step needs one
-    inp = data.inspect_input(me.input, spec.keys, spec.allow_duplicate_keys, plan)
+    inspect = data.inspect_parquet if parquet else data.inspect_input
+    inp = inspect(me.input, spec.keys, spec.allow_duplicate_keys, plan)
+    if parquet_io.is_parquet_output(me.output):
+        inp.plain = False  # SPU writes CSV: the result is built from the input's rows
     broker_client.check_broker(me.broker, party)
     if spec.backend == "ray":
         rayhead.check_head(party, me.ray_address)  # type: ignore[arg-type]
