@@ -29,6 +29,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
 from .digest import spec_digest
 from .spec import JobSpec
 
@@ -55,6 +57,18 @@ def input_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def keys_digest(keys: pa.Table) -> str:
+    """A digest of the keys given to SPU, in order (a database input has no file to digest;
+    another order or other keys mean another input)."""
+    h = hashlib.blake2b(digest_size=20)
+    for name in keys.column_names:
+        column = keys[name].combine_chunks().cast(pa.large_string())
+        h.update(name.encode("utf-8") + b"\0")
+        for buffer in column.buffers()[1:]:
+            h.update(b"" if buffer is None else memoryview(buffer))
+    return "keys-" + h.hexdigest()
+
+
 @dataclass
 class Checkpoint:
     """One party's checkpoint folder for one job."""
@@ -63,8 +77,8 @@ class Checkpoint:
 
     @classmethod
     def of(cls, spec: JobSpec, party: str) -> Checkpoint:
-        output = spec.parties[party].output
-        return cls(output.parent / f".psi-run-{party}-{spec.job_id}.ckpt")
+        folder = spec.parties[party].local_folder
+        return cls(folder / f".psi-run-{party}-{spec.job_id}.ckpt")
 
     @property
     def spu_folder(self) -> Path:

@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from . import parquet_io
+from . import database, parquet_io
+from .dbspec import DbConfig
 from .errors import PreflightError, cut, shown
 from .normalize import KeyPlan, Normalized, duplicate_rows, normalize_keys
 from .specfile import file_kind
@@ -337,6 +338,29 @@ def inspect_parquet(
     )
 
 
+def inspect_database(
+    cfg: DbConfig,
+    keys: tuple[str, ...],
+    allow_duplicates: bool,
+    plan: KeyPlan | None,
+    spool: Path,
+) -> InputTable:
+    """Check a PostgreSQL table or query (``database``) by the same rules as a CSV file; its
+    rows are spooled to ``spool`` (Parquet, in the run's private folder), its keys kept."""
+    where = f"input {cfg.describe()}"
+    got = database.read_input(cfg, keys, spool, where)
+    normalized = _checked_keys(got.keys, keys, allow_duplicates, plan, where)
+    return InputTable(
+        path=spool,
+        columns=got.columns,
+        table=got.keys,
+        plain=False,
+        normalized=normalized,
+        plan=plan,
+        source=parquet_io.source_of(spool),
+    )
+
+
 def _unchanged(normalized: Normalized | None) -> bool:
     """Normalisation left every key as it was and every row in (the file can go to SPU)."""
     if normalized is None:
@@ -499,25 +523,31 @@ def read_result_keys(spu_output: Path, keys: tuple[str, ...]) -> pa.Table:
     )
 
 
+def result_table(inp: InputTable, rows: np.ndarray) -> pa.Table:
+    """The input rows at ``rows``, in that order, with the input's columns and types; a row
+    at -1 (a join's row that only the peer has) is NULL in every column."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if inp.source is not None:
+        return inp.source.take(rows)
+    missing = rows < 0
+    valid = pa.py_buffer(np.packbits(~missing, bitorder="little")) if missing.any() else None
+    index = np.where(missing, 0, rows)
+    return inp.table.take(
+        pa.Int64Array.from_buffers(pa.int64(), len(rows), [valid, pa.py_buffer(index)])
+    )
+
+
 def write_result(inp: InputTable, rows: np.ndarray, dest: Path) -> int:
     """Write the input rows at ``rows`` (in that order) with the input's columns; return count.
 
     ``dest`` is Parquet (``parquet_io.is_parquet_output``: the input's column types, and the
     rows of a join that only the peer has are NULL) or CSV (those rows' fields are
     ``NULL_TEXT``)."""
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    missing = rows < 0
-    if inp.source is not None:
-        out = inp.source.take(rows)
-    else:
-        valid = pa.py_buffer(np.packbits(~missing, bitorder="little")) if missing.any() else None
-        index = np.where(missing, 0, rows)
-        out = inp.table.take(
-            pa.Int64Array.from_buffers(pa.int64(), len(rows), [valid, pa.py_buffer(index)])
-        )
+    out = result_table(inp, rows)
     if parquet_io.is_parquet_output(dest):
         parquet_io.write_table(out, dest)
         return out.num_rows
+    missing = np.asarray(rows) < 0
     if missing.any():  # a join's rows that only the peer has: every field is NULL_TEXT
         mask = pa.array(missing)
         out = pa.table(
@@ -537,6 +567,22 @@ def count_csv_rows(path: Path) -> int:
     with open(path, "rb") as fh:
         lines = sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
     return max(lines - 1, 0)
+
+
+def check_work_folder(folder: Path, where: str) -> None:
+    """The local folder of a run whose output is not a file: created, writable."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PreflightError(
+            f"{where}: cannot create the work folder {cut(str(folder), _PATH_SHOWN)} "
+            f"({exc.strerror}); set parties.<you>.work_dir"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PreflightError(
+            f"{where}: the work folder {cut(str(folder), _PATH_SHOWN)} is not writable; set "
+            "parties.<you>.work_dir"
+        )
 
 
 def check_output_location(path: Path) -> None:

@@ -8,6 +8,7 @@
     │   ├── Stalled             the PSI made no progress on either side (exit 5)
     │   └── ResultsDisagree     the two parties' results differ; nothing written (exit 5)
     ├── EngineCrashed           the job process died by a signal, e.g. SPU's SIGABRT (exit 6)
+    ├── OutputError             the result could not be written, e.g. a database table (exit 7)
     └── Interrupted             Ctrl-C (SIGINT) or SIGTERM; no result was written (exit 130)
 
 Only the CLI turns these into an exit code and a one-line message; ``exit_codes()`` lists them
@@ -173,6 +174,17 @@ class EngineCrashed(PsiRunError):
     meaning = "SPU's engine crashed (e.g. SIGABRT); no result was written"
 
 
+class OutputError(PsiRunError):
+    """Writing the result failed after both sides agreed on it (e.g. the database refused the
+    new table); an earlier result at the output is unchanged."""
+
+    exit_code = 7
+    kind = "writing the result failed"
+    meaning = (
+        "the result could not be written (e.g. a database table); the earlier one is unchanged"
+    )
+
+
 class Interrupted(PsiRunError):
     """The run was stopped by Ctrl-C (SIGINT) or SIGTERM; no result was written."""
 
@@ -190,6 +202,7 @@ def exit_codes() -> list[tuple[int, str]]:
         PeerError,
         BackendError,
         EngineCrashed,
+        OutputError,
         Interrupted,
     )
     return [

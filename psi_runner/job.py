@@ -32,6 +32,7 @@ from . import (
     broker_client,
     checkpoint,
     data,
+    database,
     handshake,
     interrupts,
     joblock,
@@ -186,8 +187,12 @@ class JobRun:
 
     # -- stages ------------------------------------------------------------------------
 
-    def _take_lock(self) -> None:
+    def _take_lock(self) -> Path:
+        """The job's lock, then this run's private work folder (a database input is spooled
+        there during preflight)."""
         self.lock = joblock.JobLock.acquire(self.spec, self.party, self.nonce)
+        self.work = create_work_dir(self.spec.parties[self.party].local_folder, self.party)
+        return self.work
 
     def _tell_normalized(self, inp: data.InputTable) -> None:
         """What normalisation did, per key column: counts only, never values."""
@@ -230,7 +235,12 @@ class JobRun:
         if self.check_only or not checkpoint.supported(self.spec):
             return {}
         self.checkpoint = Checkpoint.of(self.spec, self.party)
-        self._input_digest = checkpoint.input_digest(self.spec.parties[self.party].input)
+        source = self.spec.parties[self.party].input
+        self._input_digest = (
+            checkpoint.input_digest(source)
+            if isinstance(source, Path)
+            else checkpoint.keys_digest(inp.key_table(self.spec.keys))
+        )
         if inp.plan is not None and inp.plan.salt is not None:
             # Another salt gives other keys from the same file: a checkpoint of its own.
             fp = normalize.salt_fingerprint(self.spec.job_id, inp.plan.salt)
@@ -267,7 +277,7 @@ class JobRun:
 
         A resumable job keeps SPU's files in its checkpoint folder, at paths that stay the
         same from one attempt to the next (SPU refuses to resume otherwise)."""
-        self.work = create_work_dir(self.spec.parties[self.party].output.parent, self.party)
+        assert self.work is not None  # created with the lock, in preflight
         folder, recovery = self.work, None
         if self.checkpoint is not None:
             if not self.resume:
@@ -275,7 +285,8 @@ class JobRun:
             folder, recovery = self.checkpoint.folder, self.checkpoint.spu_folder
         out = folder / "spu_output.csv"
         if inp.plain:
-            return PsiCall(self.spec.parties[self.party].input, out, self.spec.keys,
+            assert isinstance(inp.path, Path)
+            return PsiCall(inp.path, out, self.spec.keys,
                            scratch=folder, recovery_folder=recovery)  # fmt: skip
         data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv")
         return PsiCall(folder / "spu_input.csv", out, (data.KEY_COLUMN,),
@@ -382,14 +393,20 @@ class JobRun:
         if not self._receives():
             return None
         assert self.work is not None
-        final_tmp = self.work / ("result" + spec.parties[self.party].output.suffix)
+        output = spec.parties[self.party].output
+        if not isinstance(output, Path):  # a database table, swapped in by one transaction
+            assert positions is not None
+            table = data.result_table(inp, inp.input_rows(positions))
+            database.write_output(output, table, f"output {output.describe()}")
+            return table.num_rows
+        final_tmp = self.work / ("result" + output.suffix)
         if inp.plain:
             os.replace(call.output_path, final_tmp)
             count = data.count_csv_rows(final_tmp)
         else:
             assert positions is not None
             count = data.write_result(inp, inp.input_rows(positions), final_tmp)
-        os.replace(final_tmp, spec.parties[self.party].output)  # same folder: atomic
+        os.replace(final_tmp, output)  # same folder: atomic
         return count
 
     def _done(self) -> None:

@@ -43,9 +43,9 @@ class JobBusy(PreflightError):
 
 
 def lock_path(spec: JobSpec, party: str) -> Path:
-    """Where the lock of ``party``'s run of this job lives (beside the output)."""
-    output = spec.parties[party].output
-    return output.parent / f".psi-run-{party}-{spec.job_id}.lock"
+    """Where the lock of ``party``'s run of this job lives (beside the output, or in the work
+    folder of a database output)."""
+    return spec.parties[party].local_folder / f".psi-run-{party}-{spec.job_id}.lock"
 
 
 class JobLock:

@@ -14,35 +14,48 @@ the path checks (``joblock``). Every problem raises ``PreflightError``.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
-from . import broker_client, data, normalize, parquet_io, rayhead
+from . import broker_client, data, database, normalize, parquet_io, rayhead
+from .dbspec import DbConfig
 from .errors import PreflightError, shown
 from .spec import JobSpec
 
 
 def preflight(
-    spec: JobSpec, party: str, take_lock: Callable[[], None] | None = None
+    spec: JobSpec, party: str, take_lock: Callable[[], Path] | None = None
 ) -> data.InputTable:
     """Run every local check; the inspected input.
 
-    ``take_lock`` runs once the output folder exists and before the input is read, so a second
-    run of a job that is in progress is refused at once (``joblock``)."""
+    ``take_lock`` runs once the output (or work) folder exists and before the input is read,
+    so a second run of a job that is in progress is refused at once (``joblock``); it returns
+    the run's private work folder, where a database input is spooled."""
     if party not in spec.parties:
         raise PreflightError(
             f"--party {shown(party)} is not in the spec; the parties are {', '.join(spec.parties)}"
         )
     me = spec.parties[party]
-    parquet = parquet_io.is_parquet(me.input)
-    if not parquet:
-        data.check_input_path(me.input)
-    data.check_output_location(me.output)
-    if take_lock is not None:
-        take_lock()
+    source, output = me.input, me.output
+    if isinstance(source, Path) and not parquet_io.is_parquet(source):
+        data.check_input_path(source)
+    if isinstance(output, Path):
+        data.check_output_location(output)
+    else:
+        where = f"output {output.describe()}"
+        data.check_work_folder(me.local_folder, where)
+        database.check_output(output, where)
+    work = take_lock() if take_lock is not None else Path(tempfile.mkdtemp())
     plan = normalize.plan_for(spec, party)  # reads the salt file, if a step needs one
-    inspect = data.inspect_parquet if parquet else data.inspect_input
-    inp = inspect(me.input, spec.keys, spec.allow_duplicate_keys, plan)
-    if parquet_io.is_parquet_output(me.output):
+    allow = spec.allow_duplicate_keys
+    if isinstance(source, DbConfig):
+        inp = data.inspect_database(source, spec.keys, allow, plan, work / "input.parquet")
+    elif parquet_io.is_parquet(source):
+        inp = data.inspect_parquet(source, spec.keys, allow, plan)
+    else:
+        inp = data.inspect_input(source, spec.keys, allow, plan)
+    if not isinstance(output, Path) or parquet_io.is_parquet_output(output):
         inp.plain = False  # SPU writes CSV: the result is built from the input's rows
     broker_client.check_broker(me.broker, party)
     if spec.backend == "ray":

@@ -17,6 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .dbspec import DbConfig, parse_config
 from .errors import SpecError, key_text, shown
 from .keyspec import ON_INVALID, Step, ends_with_sha256, parse_normalize, parse_prehashed, salted
 from .link import LINK_DEFAULTS, LinkSettings, parse_link_settings
@@ -47,12 +48,22 @@ class PartySpec:
 
     name: str
     broker: str  # host:port of this party's own broker (HTTP PTP)
-    input: Path
-    output: Path
+    input: Path | DbConfig  # a CSV or Parquet path, or a PostgreSQL table or query
+    output: Path | DbConfig  # a CSV or Parquet path, or a PostgreSQL table
     ray_address: str | None = None  # host:port of the party's Ray head (backend: ray)
     # key column -> sha256_hex | sha256_base64: the column already holds the hash (keyspec)
     prehashed: dict[str, str] = field(default_factory=dict)
     salt_file: Path | None = None  # the shared secret salt of salted sha256 steps (local)
+    work_dir: Path | None = None  # where local work files go when the output is not a file
+
+    @property
+    def local_folder(self) -> Path:
+        """Where this party's run keeps its lock, work folder and checkpoint: beside a file
+        output (same file system, so the result is renamed into place), else ``work_dir``."""
+        if isinstance(self.output, Path):
+            return self.output.parent
+        assert self.work_dir is not None
+        return self.work_dir
 
 
 @dataclass(frozen=True)
@@ -112,7 +123,9 @@ _TOP_KEYS = {
     "normalize",
     "on_invalid",
 }
-_PARTY_KEYS = {"broker", "input", "output", "ray_address", "prehashed", "salt_file"}
+_PARTY_KEYS = {
+    "broker", "input", "output", "ray_address", "prehashed", "salt_file", "work_dir",
+}  # fmt: skip
 
 
 def _name(value: Any) -> str | None:
@@ -396,6 +409,11 @@ def _party(
     salt_file = None
     if "salt_file" in settings:
         salt_file = _path(settings.get("salt_file"), base, f"{path}.salt_file", problems)
+    work_dir = None
+    if "work_dir" in settings:
+        work_dir = _path(settings.get("work_dir"), base, f"{path}.work_dir", problems)
+    elif out is not None and not isinstance(out, Path):
+        work_dir = base  # a database output: local work files beside the spec
     if not (broker and inp and out):
         return None
     return PartySpec(
@@ -406,6 +424,7 @@ def _party(
         ray_address=ray_address,
         prehashed=prehashed,
         salt_file=salt_file,
+        work_dir=work_dir,
     )
 
 
@@ -426,9 +445,13 @@ def _ray_address(settings: dict[Any, Any], path: str, problems: list[str]) -> st
 
 def _files(
     settings: dict[Any, Any], base: Path, path: str, problems: list[str]
-) -> tuple[Path | None, Path | None]:
-    inp = _path(settings.get("input"), base, f"{path}.input", problems)
-    out = _path(settings.get("output"), base, f"{path}.output", problems)
+) -> tuple[Path | DbConfig | None, Path | DbConfig | None]:
+    inp, out = (
+        parse_config(value, base, f"{path}.{key}", problems, output=key == "output")
+        if isinstance(value, dict)
+        else _path(value, base, f"{path}.{key}", problems)
+        for key, value in (("input", settings.get("input")), ("output", settings.get("output")))
+    )
     if inp is not None and out is not None and inp == out:
         problems.append(f"{path}.output: must differ from the input file")
     return inp, out
