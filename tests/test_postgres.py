@@ -184,19 +184,24 @@ def test_bad_database_inputs_are_refused_in_preflight_naming_the_source(tmp_path
     pg.sql("DROP TABLE IF EXISTS dups")
     pg.sql("CREATE TABLE dups AS SELECT 'k' AS uid FROM generate_series(1, 2)")
     pg.sql("DROP TABLE IF EXISTS victim; CREATE TABLE victim AS SELECT 1 AS x")
+    pg.sql("DROP SEQUENCE IF EXISTS sq; CREATE SEQUENCE sq")
     pw = _pw_file(tmp_path, pg)
     cases = {
         "nulls": ({"table": "nulls"}, "key column 'uid' has NULL values (first: row 3)"),
         "dups": ({"table": "dups"}, "1 duplicate key row(s)"),
         "writes": ({"query": "SELECT 1 AS uid; DROP TABLE victim"}, "cannot read"),
         "typed": ({"query": "SELECT 1.5::float8 AS uid"}, "has type double"),
+        "side effect": ({"query": "SELECT nextval('sq')::text AS uid"}, "read-only transaction"),
     }
     for name, (what, expected) in cases.items():
         cfg = DbConfig(pg.url, what.get("table"), what.get("query"), None, pw)
         with pytest.raises(PreflightError) as info:
-            inspect_database(cfg, ("uid",), False, None, tmp_path / f"{name}.parquet")
+            inspect_database(
+                cfg, ("uid",), False, None, tmp_path / f"{name.replace(' ', '_')}.parquet"
+            )
         assert expected in str(info.value), name
     assert _frame(pg, "SELECT count(*) AS c FROM victim")["c"][0] == 1  # read only
+    assert not _frame(pg, "SELECT is_called FROM sq")["is_called"][0]  # nextval never ran
     pw.chmod(0o644)
     with pytest.raises(PreflightError, match=r"can be read by others \(mode 0644\); chmod 600"):
         database.password(DbConfig(pg.url, "t", None, None, pw), "input x")
