@@ -7,6 +7,12 @@ and prints it. Exit code 0 only when both parties succeeded and the result is ri
 With ``--spec jobs/alice_bob_ray.yaml`` (``backend: ray``) it also starts one Ray head per
 party at the spec's ``ray_address`` (disjoint port ranges derived from it) and stops them at
 the end; a head that already answers there is used as it is.
+
+``--source parquet`` runs ``jobs/alice_bob_parquet.yaml`` on the same data written as Parquet
+(a folder of two files for alice, one file for bob). ``--source postgres`` starts a private
+PostgreSQL (``harness/pg.py``), loads the data into tables and runs
+``jobs/alice_bob_postgres.yaml`` against it (its socket folder filled in, written to
+``demo/work/``); alice's password comes from an environment variable, bob's from a 0600 file.
 """
 
 from __future__ import annotations
@@ -50,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", default=str(ROOT / "jobs" / "alice_bob.yaml"))
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--overlap", type=int, default=5_000)
+    parser.add_argument("--source", choices=("csv", "parquet", "postgres"), default="csv")
     args = parser.parse_args(argv)
+    if args.source != "csv":
+        from harness import demo_sources
+
+        return demo_sources.run(args.source, args.rows, args.overlap)
 
     spec = load_spec(args.spec)
     parties = spec.party_names
