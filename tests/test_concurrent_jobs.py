@@ -13,7 +13,8 @@ from conftest import assert_same_rows, expected_rows, make_ids, read_result, run
 from conftest import write_spec as _write_spec
 
 from harness.localnet import psi_run_command
-from psi_runner.joblock import JobLock, lock_path
+from psi_runner.handshake import _Handshake
+from psi_runner.joblock import BUSY_KIND, JobLock, lock_path
 from psi_runner.spec import load_spec
 
 
@@ -110,6 +111,32 @@ def test_peer_waiting_for_a_refused_run_stops_with_a_clear_line(tmp_path, pair):
     assert "alice refused to start another run of this job" in err
     assert "still in progress at alice" in err
     assert not (tmp_path / "out/bob_psi.csv").exists()
+
+
+def test_a_refusal_naming_the_run_we_talk_to_does_not_stop_our_handshake(tmp_path, pair):
+    """In-process: the rules that decide whether a refused second run's notice stops the
+    handshake (the end-to-end tests above show each outcome, but not this ordering)."""
+    spec = load_spec(_job(tmp_path, pair, "once-3", 13))
+    busy = {"type": "abort", "party": "alice", "to": "", "stage": "preflight",
+            "kind": BUSY_KIND, "holder": "run-1", "sent_at": time.time()}  # fmt: skip
+    hello = {"type": "hello", "party": "alice", "nonce": "run-1", "seen": "", "sent_at": 1.0}
+
+    # The HELLO of the run holding the lock came first: the refusal is about another run.
+    h = _Handshake(spec, "bob", 10, "run", lambda line: None, "bob-nonce")
+    h._on_hello(dict(hello), time.monotonic())
+    h._on_notice(dict(busy))
+    assert h.notice is None
+    # The refusal came first: the holder's HELLO, though older, overrules it.
+    h = _Handshake(spec, "bob", 10, "run", lambda line: None, "bob-nonce")
+    h._on_notice(dict(busy))
+    assert h.notice is not None
+    h._on_hello(dict(hello), time.monotonic())
+    assert h.notice is None
+    # A HELLO of some other run does not: the run we wait for was refused.
+    h = _Handshake(spec, "bob", 10, "run", lambda line: None, "bob-nonce")
+    h._on_notice(dict(busy))
+    h._on_hello({**hello, "nonce": "run-2"}, time.monotonic())
+    assert h.notice is not None
 
 
 def _wait(predicate, timeout_s: float = 30.0) -> bool:
