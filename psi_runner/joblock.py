@@ -104,6 +104,7 @@ def _same_file(path: Path, fd: int) -> bool:
 
 
 def _write_holder(fd: int, nonce: str) -> None:
+    os.fchmod(fd, 0o600)  # a file taken over from a killed run may have another mode
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps({"pid": os.getpid(), "nonce": nonce}).encode(), 0)
 

@@ -63,15 +63,6 @@ class ParquetSource:
     starts: list[int]  # first row of each file in the joint table
     schema: pa.Schema
 
-    def row_groups(self) -> Iterator[tuple[Path, int, int, pa.Table]]:
-        """``(file, row group, first row in the joint table, table)`` for every row group."""
-        for file, start in zip(self.files, self.starts):
-            pf = _open(file, self.path)
-            for i in range(pf.num_row_groups):
-                table = pf.read_row_group(i)
-                yield file, i, start, table
-                start += table.num_rows
-
     def take(self, rows: np.ndarray) -> pa.Table:
         """The rows at ``rows`` (joint row numbers, in that order; -1: a row of NULLs)."""
         missing = rows < 0
@@ -79,10 +70,15 @@ class ParquetSource:
         order = np.argsort(wanted, kind="stable")
         ordered = wanted[order]
         pieces = []
-        for _, _, start, table in self.row_groups():
-            lo, hi = np.searchsorted(ordered, [start, start + table.num_rows])
-            if hi > lo:
-                pieces.append(table.take(pa.array(ordered[lo:hi] - start)))
+        for file, start in zip(self.files, self.starts):
+            pf = _open(file, self.path)
+            for i in range(pf.num_row_groups):
+                n = pf.metadata.row_group(i).num_rows
+                lo, hi = np.searchsorted(ordered, [start, start + n])
+                if hi > lo:  # only row groups that hold a result row are read
+                    table = pf.read_row_group(i)
+                    pieces.append(table.take(pa.array(ordered[lo:hi] - start)))
+                start += n
         found = int((~missing).sum())
         got = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
         nulls = len(rows) - found

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import stat
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import assert_same_rows, expected_rows, make_ids, read_result, run_ok, write_csv
 from conftest import write_spec as _write_spec
 
 from harness.localnet import psi_run_command
 from psi_runner.handshake import _Handshake
-from psi_runner.joblock import BUSY_KIND, JobLock, lock_path
+from psi_runner.joblock import BUSY_KIND, JobBusy, JobLock, lock_path
 from psi_runner.spec import load_spec
 
 
@@ -137,6 +140,27 @@ def test_a_refusal_naming_the_run_we_talk_to_does_not_stop_our_handshake(tmp_pat
     h._on_notice(dict(busy))
     h._on_hello({**hello, "nonce": "run-2"}, time.monotonic())
     assert h.notice is not None
+
+
+def test_the_lock_is_exclusive_released_at_the_end_and_a_killed_runs_file_is_taken_over(
+    tmp_path, pair
+):
+    spec = load_spec(_job(tmp_path, pair, "once-4", 14))
+    (tmp_path / "out").mkdir()
+    first = JobLock.acquire(spec, "alice", "nonce-1")
+    with pytest.raises(JobBusy) as info:
+        JobLock.acquire(spec, "alice", "nonce-2")
+    assert info.value.holder == "nonce-1"
+    assert f"(process {os.getpid()})" in str(info.value)
+    assert JobLock.acquire(spec, "bob", "nonce-3").path != first.path  # other party: own lock
+    first.release()
+    assert not lock_path(spec, "alice").exists()
+    # A run killed with SIGKILL leaves its file but no lock: the next run takes it over.
+    lock_path(spec, "alice").write_text('{"pid": 999999, "nonce": "dead"}')
+    again = JobLock.acquire(spec, "alice", "nonce-4")
+    assert "nonce-4" in lock_path(spec, "alice").read_text()
+    assert stat.S_IMODE(lock_path(spec, "alice").stat().st_mode) == 0o600
+    again.release()
 
 
 def _wait(predicate, timeout_s: float = 30.0) -> bool:
