@@ -135,7 +135,11 @@ def read_input(cfg: DbConfig, keys: tuple[str, ...], spool: Path, where: str) ->
         try:
             for batch in reader:
                 _check_nulls(batch, keys, rows, where)
-                parts.append(pa.table({k: pc.cast(batch.column(k), pa.string()) for k in keys}))
+                # A copy: the driver's batch shares one allocation between its columns, so a
+                # slice kept from it would keep the whole batch in memory.
+                parts.append(
+                    pa.table({k: _copy(pc.cast(batch.column(k), pa.string())) for k in keys})
+                )
                 writer.write_batch(batch, row_group_size=1 << 20)
                 rows += batch.num_rows
         except PsiRunError:
@@ -150,6 +154,10 @@ def read_input(cfg: DbConfig, keys: tuple[str, ...], spool: Path, where: str) ->
     if rows == 0:
         raise PreflightError(f"{where}: has no rows")
     return Spooled(columns, pa.concat_tables(parts), spool)
+
+
+def _copy(array: pa.Array) -> pa.Array:
+    return pa.concat_arrays([array, pa.array([], array.type)])
 
 
 def _check_key_columns(schema: pa.Schema, keys: tuple[str, ...], where: str) -> None:
