@@ -27,7 +27,7 @@ def test_json_progress_reports_every_stage_and_the_psi_up_to_100_percent(tmp_pat
         assert r.returncode == 0, r.stderr
         events = [json.loads(ln) for ln in r.stderr.splitlines() if ln.startswith("{")]
         done = [e["progress"] for e in events if e["status"].startswith("done")]
-        assert done == ["preflight", "handshake", "prepare", "psi", "output"], events
+        assert done == ["preflight", "handshake", "prepare", "psi", "agree", "output"], events
         psi = [e["percent"] for e in events if e["progress"] == "psi"]
         assert psi == sorted(psi) and psi[-1] == 100.0, psi
         assert all(e["rows"] == 40_000 for e in events if e["progress"] != "preflight")
