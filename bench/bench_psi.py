@@ -14,9 +14,12 @@ measured side by side in one run.
 
 Per run it measures the wall time from starting both party processes to both having exited
 (so the slower party counts) and the PSI call time (the larger of the two parties'); it checks
-that both parties' results hold exactly the expected intersection. See bench/README.md.
+that both parties' results hold exactly the expected intersection. It also records the peak
+RSS of the largest process of each party (``peak_rss``: the kernel's VmHWM of every process in
+the party's tree). ``--keys plain|quoted|awkward`` chooses the input's shape (see
+``make_dataset``). See bench/README.md.
 
-    .venv/bin/python bench/bench_psi.py --rows 1000000 --rounds 3
+    .venv/bin/python bench/bench_psi.py --rows 1000000 --rounds 3 --keys quoted
 """
 
 from __future__ import annotations
@@ -43,12 +46,14 @@ import pyarrow.csv as pcsv
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's harness/
+from bench.peak_rss import PeakRss, party_label
 from harness.localnet import BIN, LocalRayHead, run_parties, start_pair
 
 HERE = Path(__file__).resolve().parent
 BARE = HERE / "bare_psi.py"
 PARTIES = ("alice", "bob")
 KEY = "uid"
+KEY_KINDS = ("plain", "quoted", "awkward")
 TARGET_RATIO = 1.25
 
 
@@ -65,7 +70,7 @@ class Dataset:
     rows: int
     overlap: int
     paths: dict[str, Path]
-    expected: pa.Array  # sorted ids of the intersection
+    expected: pa.Array  # sorted keys of the intersection
 
 
 def _write_ids(path: Path, ids: np.ndarray, xs: np.ndarray) -> None:
@@ -83,20 +88,43 @@ def _write_ids(path: Path, ids: np.ndarray, xs: np.ndarray) -> None:
     tmp.replace(path)
 
 
-def make_dataset(folder: Path, rows: int, seed: int) -> Dataset:
+def key_texts(ids: list[int], keys: str) -> list[str]:
+    """The key of each id: ``id000123456`` (plain, quoted), or for ``awkward`` one id in four
+    each as it is, with a comma, with a double quote, with a non-ASCII character."""
+    if keys != "awkward":
+        return [f"id{v:09d}" for v in ids]
+    tails = ("", ",x", '"q', "\u4e2d")
+    return [f"id{v:09d}{tails[v % 4]}" for v in ids]
+
+
+def _write_arrow(path: Path, keys: list[str], xs: np.ndarray) -> None:
+    """pyarrow's CSV writer, as a pyarrow or pandas user's export: the header is quoted
+    (``"uid","x"``) and so is every text value, plain or not."""
+    tmp = path.with_suffix(".tmp")
+    table = pa.table({KEY: pa.array(keys, pa.string()), "x": pa.array(xs)})
+    pcsv.write_csv(table, tmp, pcsv.WriteOptions(quoting_style="needed"))
+    tmp.replace(path)
+
+
+def make_dataset(folder: Path, rows: int, seed: int, keys: str = "plain") -> Dataset:
     """alice.csv and bob.csv with ``rows`` unique ids each, ``rows // 2`` of them shared.
 
-    Reused when ``folder`` already holds files made with the same rows and seed.
+    ``keys``: ``plain`` (``uid,x`` and bare ``id000123456`` values), ``quoted`` (the same
+    values written by pyarrow: header and values in quotes) or ``awkward`` (pyarrow-written,
+    a quarter of the keys each with a comma, a quote or a non-ASCII character). Reused when
+    ``folder`` already holds files made with the same rows, seed and keys.
     """
     folder.mkdir(parents=True, exist_ok=True)
     overlap = rows // 2
     paths = {p: folder / f"{p}.csv" for p in PARTIES}
     meta_path = folder / "dataset.json"
     meta = {"rows": rows, "overlap": overlap, "seed": seed, "format": 1}
+    if keys != "plain":
+        meta["keys"] = keys
     rng = np.random.default_rng(seed)
     pool = rng.choice(10**9, size=2 * rows - overlap, replace=False)
     shared = pool[rows - overlap : rows]
-    expected = pa.array([f"id{v:09d}" for v in shared.tolist()], type=pa.string())
+    expected = pa.array(key_texts(shared.tolist(), keys), type=pa.string())
     expected = pc.take(expected, pc.sort_indices(expected))
     reuse = (
         meta_path.exists()
@@ -112,7 +140,10 @@ def make_dataset(folder: Path, rows: int, seed: int) -> Dataset:
     for party, ids in halves.items():
         ids = rng.permutation(ids)  # shared ids scattered through both files
         xs = rng.integers(0, 1_000_000, size=rows)
-        _write_ids(paths[party], ids, xs)
+        if keys == "plain":
+            _write_ids(paths[party], ids, xs)
+        else:
+            _write_arrow(paths[party], key_texts(ids.tolist(), keys), xs)
     meta_path.write_text(json.dumps(meta))
     print(
         f"data: wrote {folder} ({rows} rows per party, {overlap} shared) "
@@ -156,6 +187,7 @@ class Run:
     stages: dict[str, float] = field(default_factory=dict)  # max over parties, (a) only
     proc_s: float = 0.0  # in-process total_s reported by the parties (max of the two)
     setup_s: float = 0.0  # brokers' start (a) / nothing (b); not part of wall_s
+    rss: tuple[int, int] = (0, 0)  # peak RSS (bytes) of each party's largest process
 
     @property
     def label(self) -> str:
@@ -232,7 +264,10 @@ def run_product(
                 doc["parties"][party]["ray_address"] = address
         spec.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
         t0 = time.monotonic()
-        results = run_parties(spec, list(PARTIES), timeout_s=timeout_s, log_dir=run_dir / "logs")
+        with PeakRss(party_label(PARTIES)) as mem:
+            results = run_parties(
+                spec, list(PARTIES), timeout_s=timeout_s, log_dir=run_dir / "logs"
+            )
         wall = time.monotonic() - t0
     finally:
         for b in brokers:
@@ -269,7 +304,13 @@ def run_product(
         stages,
         stages["total_s"],
         setup_s,
+        _rss(mem),
     )
+
+
+def _rss(mem: PeakRss) -> tuple[int, int]:
+    largest = mem.largest()
+    return (largest.get(PARTIES[0], 0), largest.get(PARTIES[1], 0))
 
 
 def _bare_report(stdout: str) -> dict | None:
@@ -315,6 +356,7 @@ def run_bare(
         for rank, party in enumerate(PARTIES)
     ]
     t0 = time.monotonic()
+    mem = PeakRss(party_label(PARTIES)).__enter__()
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in cmds]
     results = []
     deadline = t0 + timeout_s
@@ -332,6 +374,7 @@ def run_bare(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        mem.__exit__(None, None, None)
     wall = time.monotonic() - t0
     reports = []
     for party, (code, o, e) in zip(PARTIES, results):
@@ -357,7 +400,7 @@ def run_bare(
     psi_s = max(r["seconds"]["psi_s"] for r in reports)
     link_s = max(r["seconds"]["link_s"] for r in reports)
     proc_s = max(r["seconds"]["total_s"] for r in reports)
-    return Run(rnd, "b", wall, psi_s, link_s, tuple(rows), proc_s=proc_s)
+    return Run(rnd, "b", wall, psi_s, link_s, tuple(rows), proc_s=proc_s, rss=_rss(mem))
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,7 +447,12 @@ def machine_info() -> list[str]:
 HEADER = (
     f"{'round':>5}  {'#':>1}  {'variant':<33} {'wall_s':>8} {'psi_s':>8} {'link_s':>7} "
     f"{'wall-psi':>8} {'proc_s':>7} {'prep_s':>7} {'out_s':>6} {'brokers':>7}  rows alice/bob"
+    "  peak RSS MB alice/bob"
 )
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.0f}"
 
 
 def row_line(r: Run, pos: int) -> str:
@@ -417,7 +465,7 @@ def row_line(r: Run, pos: int) -> str:
     return (
         f"{r.round:>5}  {pos:>1}  {r.label:<33} {r.wall_s:>8.2f} {r.psi_s:>8.2f} "
         f"{r.link_s:>7.2f} {r.wall_s - r.psi_s:>8.2f} {r.proc_s:>7.2f} {prep:>7} {out:>6} "
-        f"{brk:>7}  {r.rows[0]}/{r.rows[1]}"
+        f"{brk:>7}  {r.rows[0]}/{r.rows[1]}  {_mb(r.rss[0])}/{_mb(r.rss[1])}"
     )
 
 
@@ -434,6 +482,8 @@ def summary(runs: list[Run], variants: list[str]) -> list[str]:
             "n": len(rs),
             "min_wall": min(r.wall_s for r in rs),
             "max_wall": max(r.wall_s for r in rs),
+            "rss_a": statistics.median(r.rss[0] for r in rs),
+            "rss_b": statistics.median(r.rss[1] for r in rs),
         }
     lines = [
         (
@@ -464,7 +514,39 @@ def summary(runs: list[Run], variants: list[str]) -> list[str]:
         )
         verdict = "met" if rw <= TARGET_RATIO else "NOT met"
         lines.append(f"target wall ratio <= {TARGET_RATIO} ({variant_label(v)}): {verdict}")
+    lines.append("")
+    lines.append(
+        "peak RSS of each party's largest process, median, MB (alice/bob); "
+        "ratio of the larger party's"
+    )
+    for v in variants:
+        m = med[v]
+        line = f"  {variant_label(v):<33} {_mb(m['rss_a'])}/{_mb(m['rss_b'])}"
+        big_base = max(base["rss_a"], base["rss_b"])
+        if v != "b" and big_base:
+            line += f"  ratio {max(m['rss_a'], m['rss_b']) / big_base:.2f}"
+        lines.append(line)
     return lines
+
+
+def result_rows(runs: list[Run], variants: list[str], rows: int, keys: str) -> list[str]:
+    """bench/README.md's table: rows, keys, psi-run wall, bare wall, ratio, both peak RSS."""
+    base = [r for r in runs if r.variant == "b"]
+    bare_wall = statistics.median(r.wall_s for r in base)
+    bare_rss = statistics.median(max(r.rss) for r in base)
+    out = []
+    for v in variants:
+        if v == "b":
+            continue
+        rs = [r for r in runs if r.variant == v]
+        wall = statistics.median(r.wall_s for r in rs)
+        rss = statistics.median(max(r.rss) for r in rs)
+        out.append(
+            f"| {rows:,} | {keys} | {variant_label(v)} | {wall:.1f} | {bare_wall:.1f} | "
+            f"{wall / bare_wall:.2f} | {_mb(rss)} | {_mb(bare_rss)} | "
+            f"{rss / bare_rss if bare_rss else float('nan'):.2f} |"
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,6 +572,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "afterwards); data there is reused when rows and seed match",
     )
     ap.add_argument("--seed", type=int, default=20240601)
+    ap.add_argument(
+        "--keys",
+        default="plain",
+        choices=KEY_KINDS,
+        help="plain: uid,x with bare ids; quoted: the same written by pyarrow (header and "
+        "values quoted); awkward: pyarrow-written, keys with commas, quotes, non-ASCII",
+    )
     ap.add_argument("--timeout", type=float, default=1800.0, help="per run, seconds")
     ap.add_argument("--keep", action="store_true", help="keep every run's outputs and logs")
     ap.add_argument(
@@ -524,7 +613,7 @@ def print_job(args: argparse.Namespace) -> None:
     for line in machine_info():
         print("  " + line)
     print(
-        f"== job: {args.protocol}, {args.rows} x {args.rows} rows, 50% overlap, "
+        f"== job: {args.protocol}, {args.rows} x {args.rows} rows, {args.keys} keys, 50% overlap, "
         f"{args.rounds} round(s), routes {', '.join(args.routes)}; "
         f"(b) dup check in SPU: {'yes' if args.bare_dup_check else 'no (as psi-run)'}"
     )
@@ -611,6 +700,13 @@ def print_summary(
     for line in summary(runs, variants):
         print(line)
     print(
+        "\n| rows | keys | variant | psi-run wall s | bare wall s | wall ratio | "
+        "psi-run RSS MB | bare RSS MB | RSS ratio |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for line in result_rows(runs, variants, args.rows, args.keys):
+        print(line)
+    print(
         "all outputs checked: both parties hold exactly the "
         f"{data.overlap} expected rows in every run"
     )
@@ -627,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="psi-bench-")) if temp else args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"  workdir: {work}")
-    data = make_dataset(work / "data", args.rows, args.seed)
+    data = make_dataset(work / "data" / args.keys, args.rows, args.seed, args.keys)
     runs_root = work / "runs"
     failed = False
     runs: list[Run] = []
