@@ -10,9 +10,20 @@ comma or ``~``, and the mapping is injective, so equal canonical keys mean equal
 * several key columns: the hex of each value's UTF-8 bytes, joined with ``-``.
 
 Both parties derive the same canonical key from the same original values whatever else their
-files contain. When the file is "plain" (one key column, every key already canonical, no
-quotes, CR or BOM anywhere) it is handed to SPU unchanged, which costs nothing; otherwise a
-two-column file (canonical key, row number) is, and the result rows are taken from the input.
+files contain. When the file is "plain" (one key column, first, every parsed key already
+canonical, no CR or BOM anywhere) it is handed to SPU unchanged, which costs nothing; otherwise
+a two-column file (canonical key, row number) is, and the result rows are taken from the input.
+
+CSV quoting is syntax, not key text: a file whose header and values are quoted (as pyarrow and
+many exports write ``"uid","amount"``) is still plain when no parsed value or column name holds
+a quote, comma, CR or LF, so every quote only wraps a field. SPU's v2 reader parses such a file
+as pyarrow does and copies the matched rows' raw lines to its output (checked with a real PSI:
+``tests/test_quoted_plain.py``). But SPU orders its output by the key field's raw text, quotes
+included, so the two parties' outputs line up only when both write their keys alike: a file
+whose keys are all quoted (``InputTable.keys_quoted``) goes as it is only when the peer's are
+too (told in the handshake), else the canonical way; a file with quotes on some keys and not
+others always goes the canonical way. SPU's legacy ``psi_csv`` reader keeps the quotes of a
+header name, so for ``api: psi_csv`` a quoted file goes the canonical way too.
 
 Before the file is read whole, ``check_input_path`` makes sure it is a regular file (a FIFO is
 refused without being opened) and ``scan_text``, reading fixed-size chunks, that it is UTF-8
@@ -72,6 +83,8 @@ class InputTable:
     columns: list[str]
     table: pa.Table
     plain: bool  # the raw file can be given to SPU as it is
+    quoted: bool = False  # the file holds quotes (as syntax only, when ``plain``)
+    keys_quoted: bool = False  # every key field is in quotes (``plain``: the same SPU order)
     normalized: Normalized | None = None  # None: the keys are the file's values, every row
     plan: KeyPlan | None = None  # how the keys were normalised (and the salt, if any)
     # A Parquet input: ``table`` holds only the key columns (as text); the rows are read
@@ -285,16 +298,29 @@ def inspect_input(
     normalized = _checked_keys(table, keys, allow_duplicates, plan, where)
     # SPU aligns the two outputs row by row only when the key is the first column (it sorts
     # by the first column otherwise); the canonical-key file always has the key first.
+    quoted = b'"' in body
     plain = (
         _unchanged(normalized)
         and len(keys) == 1
         and header[0] == keys[0]
         and not bom
         and _plain_file(body)
+        and (not quoted or _quotes_are_syntax(table))
         and _plain_keys(table[keys[0]], _PLAIN_BYTES[np.frombuffer(body, np.uint8)].all())
     )
+    keys_quoted = False
+    if plain and quoted:
+        form = _first_field_quoting(body)
+        plain, keys_quoted = form is not None, form == "all"
     return InputTable(
-        path=path, columns=header, table=table, plain=plain, normalized=normalized, plan=plan
+        path=path,
+        columns=header,
+        table=table,
+        plain=plain,
+        quoted=quoted,
+        keys_quoted=keys_quoted,
+        normalized=normalized,
+        plan=plan,
     )
 
 
@@ -361,6 +387,13 @@ def inspect_database(
     )
 
 
+def keys_form(inp: InputTable) -> str:
+    """How this side's keys reach SPU, for the peer: "quoted", "bare" or "canonical"."""
+    if not inp.plain:
+        return "canonical"
+    return "quoted" if inp.keys_quoted else "bare"
+
+
 def _unchanged(normalized: Normalized | None) -> bool:
     """Normalisation left every key as it was and every row in (the file can go to SPU)."""
     if normalized is None:
@@ -393,8 +426,34 @@ def _column_list(header: list[str]) -> str:
 
 
 def _plain_file(body: bytes) -> bool:
-    """No quote, CR or NUL anywhere: every line is one row and commas only separate fields."""
-    return b'"' not in body and b"\r" not in body and b"\0" not in body
+    """No CR or NUL anywhere (quotes are looked at by ``_quotes_are_syntax``)."""
+    return b"\r" not in body and b"\0" not in body
+
+
+_QUOTED_TEXT = '[",\n\r]'  # what only quoting can put into a field
+
+
+def _quotes_are_syntax(table: pa.Table) -> bool:
+    """No column name or parsed value holds a quote, comma, CR or LF: every line is one row,
+    commas only separate fields, and each quote only wraps a field, so SPU, which parses the
+    file and copies matched rows' raw lines, sees the same values and rows as pyarrow."""
+    if any(any(c in name for c in '",\n\r') for name in table.column_names):
+        return False
+    for column in table.columns:
+        if pc.any(pc.match_substring_regex(column, _QUOTED_TEXT)).as_py():
+            return False
+    return True
+
+
+def _first_field_quoting(body: bytes) -> str | None:
+    """Whether the first field of every data line is quoted ("all"), none is ("none"), or
+    some are (None). Only for a file whose lines are its rows (``_quotes_are_syntax``)."""
+    arr = np.frombuffer(body, np.uint8)
+    starts = np.flatnonzero(arr[:-1] == 0x0A) + 1  # the data lines (a final newline starts none)
+    quoted = int(np.count_nonzero(arr[starts] == 0x22))
+    if quoted == 0:
+        return "none"
+    return "all" if quoted == len(starts) else None
 
 
 def _plain_keys(column: pa.ChunkedArray, plain_bytes: bool) -> bool:

@@ -60,6 +60,9 @@ class Agreement:
     nonce: str = ""
     peer_nonce: str = ""
     peer_checkpoint: dict | None = None  # what the peer said of its checkpoint (resume)
+    # How the peer hands its keys to SPU: "quoted" (its file as it is, every key in quotes),
+    # "bare" (its file as it is) or "canonical"; "" from a peer that does not say.
+    peer_keys_form: str = ""
 
 
 class _Channel:
@@ -198,14 +201,17 @@ def handshake(
     nonce: str = "",
     checkpoint: dict | None = None,
     extra_fields: dict | None = None,
+    keys_form: str = "",
 ) -> Agreement:
     """Wait for the peer (up to ``timeout_s``) and check that it runs the same job.
 
     ``extra_fields`` are compared like the spec's shared fields but known only after
-    preflight (e.g. a salt's fingerprint). Stops at once with ``PeerError`` when the peer sends
-    a failure notice for this attempt."""
+    preflight (e.g. a salt's fingerprint). ``keys_form`` tells the peer how our keys reach
+    SPU (not compared: each side adapts, see ``data``). Stops at once with ``PeerError`` when
+    the peer sends a failure notice for this attempt."""
     hs = _Handshake(spec, me, timeout_s, mode, progress, nonce or new_nonce())
     hs.hello["checkpoint"] = checkpoint or {}
+    hs.hello["keys_form"] = keys_form
     if extra_fields:
         hs.hello["fields"] = {**hs.hello["fields"], **extra_fields}
     return hs.run()
@@ -362,6 +368,7 @@ class _Handshake:
             peer_checkpoint=msg.get("checkpoint")
             if isinstance(msg.get("checkpoint"), dict)
             else {},
+            peer_keys_form=str(msg.get("keys_form", "")),
         )
 
     def _timeout_message(self) -> str:

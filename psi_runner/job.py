@@ -223,6 +223,7 @@ class JobRun:
             nonce=self.nonce,
             checkpoint=mine,
             extra_fields=normalize.handshake_fields(self.spec, inp.plan) if inp.plan else None,
+            keys_form=data.keys_form(inp),
         )
         self.peer_nonce = agreed.peer_nonce
         self.events.emit("met", nonce=self.nonce, peer_nonce=agreed.peer_nonce)
@@ -284,6 +285,10 @@ class JobRun:
                 self.checkpoint.start(self.spec, self._input_digest, run=agreed.session)
             folder, recovery = self.checkpoint.folder, self.checkpoint.spu_folder
         out = folder / "spu_output.csv"
+        if inp.plain and inp.keys_quoted and agreed.peer_keys_form != "quoted":
+            # SPU orders rows by the key's raw text: quoted here, bare there would misalign
+            log.info("%s: canonical keys: the peer's keys are not quoted alike", self.tag)
+            inp.plain = False
         if inp.plain:
             assert isinstance(inp.path, Path)
             return PsiCall(inp.path, out, self.spec.keys,

@@ -57,6 +57,8 @@ def preflight(
         inp = data.inspect_input(source, spec.keys, allow, plan)
     if not isinstance(output, Path) or parquet_io.is_parquet_output(output):
         inp.plain = False  # SPU writes CSV: the result is built from the input's rows
+    if inp.quoted and spec.api != "psi":
+        inp.plain = False  # SPU's legacy psi_csv reader keeps a header name's quotes
     broker_client.check_broker(me.broker, party)
     if spec.backend == "ray":
         rayhead.check_head(party, me.ray_address)  # type: ignore[arg-type]
