@@ -39,6 +39,7 @@ from . import (
     normalize,
     notice,
     report,
+    resources,
 )
 from .backends import BackendResult, backend_for
 from .backends.calls import PsiCall
@@ -114,6 +115,7 @@ class JobRun:
                 inp = preflight(self.spec, self.party, take_lock=self._take_lock)
                 self.events.emit("input", rows=inp.rows)
             log.info("%s: input has %d rows, plain=%s", self.tag, inp.rows, inp.plain)
+            self._check_resources(inp)
             self._tell_normalized(inp)
             with self._stage("handshake"):
                 agreed = self._handshake(inp)
@@ -209,6 +211,17 @@ class JobRun:
             )
         if done.dropped:
             self.progress(f"normalize: {done.dropped:,} rows left out (on_invalid: drop)")
+
+    def _check_resources(self, inp: data.InputTable) -> None:
+        """Warn, one line each, when this machine lacks the disk or memory the job needs."""
+        if self.work is None:
+            return
+        needs = resources.estimate(inp)
+        log.info("%s: estimated needs: %d bytes of disk, %d of memory", self.tag, needs.disk,
+                 needs.memory)  # fmt: skip
+        for warning in resources.check(needs, self.work):
+            log.warning("%s: %s", self.tag, warning)
+            self.progress(f"warning: {warning}")
 
     def _handshake(self, inp: data.InputTable) -> Agreement:
         mode = "check" if self.check_only else "run"
