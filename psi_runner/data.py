@@ -90,10 +90,20 @@ class InputTable:
     # A Parquet input: ``table`` holds only the key columns (as text); the rows are read
     # again from here, row group by row group, to write the result.
     source: parquet_io.ParquetSource | None = None
+    released_rows: int = -1  # the rows once ``release`` dropped the table (-1: not dropped)
 
     @property
     def rows(self) -> int:
-        return self.table.num_rows
+        return self.released_rows if self.released_rows >= 0 else self.table.num_rows
+
+    def release(self) -> None:
+        """Drop the rows held in memory, for a file SPU reads as it is (its result is SPU's
+        own output): the PSI then runs without psi-run's copy of the input beside it."""
+        assert self.plain, "only a file SPU reads as it is needs no rows of ours afterwards"
+        self.released_rows = self.rows
+        self.table = self.table.schema.empty_table()
+        self.normalized = None
+        release_memory()
 
     def key_table(self, keys: tuple[str, ...]) -> pa.Table:
         """The keys SPU compares, one row per row given to SPU."""
@@ -392,6 +402,11 @@ def keys_form(inp: InputTable) -> str:
     if not inp.plain:
         return "canonical"
     return "quoted" if inp.keys_quoted else "bare"
+
+
+def release_memory() -> None:
+    """Give memory that Arrow no longer uses back to the system (jemalloc keeps it a while)."""
+    pa.default_memory_pool().release_unused()
 
 
 def _unchanged(normalized: Normalized | None) -> bool:

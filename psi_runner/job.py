@@ -304,9 +304,11 @@ class JobRun:
             inp.plain = False
         if inp.plain:
             assert isinstance(inp.path, Path)
+            inp.release()  # SPU's output is the result: our copy of the rows is not needed
             return PsiCall(inp.path, out, self.spec.keys,
                            scratch=folder, recovery_folder=recovery)  # fmt: skip
         data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv")
+        data.release_memory()  # the canonical keys, before SPU starts
         return PsiCall(folder / "spu_input.csv", out, (data.KEY_COLUMN,),
                        scratch=folder, recovery_folder=recovery)  # fmt: skip
 
