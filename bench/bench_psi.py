@@ -355,26 +355,40 @@ def run_bare(
         ]
         for rank, party in enumerate(PARTIES)
     ]
+    # Files, not pipes: SPU logs to stdout and stderr, and a pipe that is not drained while
+    # the other party's is read (communicate() one process after the other) fills up and
+    # blocks that party's SPU, which then stalls both (seen here under load).
+    logs = [(run_dir / f"{p}.stdout.txt", run_dir / f"{p}.stderr.txt") for p in PARTIES]
     t0 = time.monotonic()
     mem = PeakRss(party_label(PARTIES)).__enter__()
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in cmds]
+    procs = []
+    for c, (out_path, err_path) in zip(cmds, logs):
+        with open(out_path, "wb") as o_fh, open(err_path, "wb") as e_fh:
+            procs.append(subprocess.Popen(c, stdout=o_fh, stderr=e_fh))
     results = []
     deadline = t0 + timeout_s
     try:
         for proc in procs:
             try:
-                o, e = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+                proc.wait(timeout=max(deadline - time.monotonic(), 1))
             except subprocess.TimeoutExpired:
                 for other in procs:
                     other.kill()
-                o, e = proc.communicate()
-            results.append((proc.returncode, o.decode(), e.decode()))
+                proc.wait()
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
         mem.__exit__(None, None, None)
+    for proc, (out_path, err_path) in zip(procs, logs):
+        results.append(
+            (
+                proc.returncode,
+                out_path.read_text(errors="replace"),
+                err_path.read_text(errors="replace"),
+            )
+        )
     wall = time.monotonic() - t0
     reports = []
     for party, (code, o, e) in zip(PARTIES, results):
