@@ -17,9 +17,9 @@ import signal
 import sys
 from pathlib import Path
 
+from . import flowlog
 from .config import BrokerConfig, load_config, with_overrides
 from .errors import BrokerError
-from .flowlog import FLOW_DATEFMT, FLOW_FORMAT
 
 log = logging.getLogger("broker.cli")
 
@@ -61,9 +61,7 @@ def setup_logging(log_dir: Path, quiet: bool) -> None:
     flow = logging.getLogger("broker.flow")
     flow.propagate = False
     flow.setLevel(logging.INFO)
-    handler = logging.FileHandler(log_dir / "flow.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter(FLOW_FORMAT, FLOW_DATEFMT))
-    flow.addHandler(handler)
+    flowlog.write_to(log_dir / "flow.log")
 
 
 def _log_dir(args: argparse.Namespace, cfg: BrokerConfig) -> Path:

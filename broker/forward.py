@@ -16,13 +16,14 @@ from dataclasses import replace
 import aiohttp
 import grpc
 
-from . import codes
+from . import codes, wire
 from .envelope import Envelope
-from .proto import http_ptp_pb2, ptp_pb2, ptp_pb2_grpc
+from .proto import http_ptp_pb2, ptp_pb2
 from .refusals import short
 from .routes import Route
 
 log = logging.getLogger("broker.forward")
+_INVOKE = "/org.ppc.ptp.PrivateTransferProtocol/invoke"
 
 
 class _Unreachable(Exception):
@@ -93,13 +94,16 @@ class _GrpcHop:
             self.channel = grpc.aio.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.aio.insecure_channel(target, options=options)
-        self.stub = ptp_pb2_grpc.PrivateTransferProtocolStub(self.channel)
+        # PrivateTransferProtocol.invoke taking the request already encoded (wire.inbound).
+        self.invoke = self.channel.unary_unary(
+            _INVOKE, request_serializer=None, response_deserializer=ptp_pb2.Outbound.FromString
+        )
 
     async def send(self, env: Envelope, payload: bytes, timeout: float) -> tuple[str, str]:
         headers = env.headers()
         try:
-            reply = await self.stub.invoke(
-                ptp_pb2.Inbound(metadata=headers, payload=payload),
+            reply = await self.invoke(
+                wire.inbound(headers, payload),
                 metadata=tuple(headers.items()),
                 timeout=timeout,
             )

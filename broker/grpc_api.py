@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from . import codes, edge
+from . import codes, edge, wire
 from .dispatch import Dispatcher
 from .envelope import TOPIC, Envelope
 from .proto import ptp_pb2
@@ -71,13 +71,17 @@ def _envelope(context: grpc.aio.ServicerContext, message_metadata=None, topic: s
 
 def _outbound(
     code: str, text: str = "", message: Message | None = None
-) -> ptp_pb2.TransportOutbound:
-    """The answer of a Transport call, carrying ``message`` (a popped or peeked one) if any."""
+) -> ptp_pb2.TransportOutbound | bytes:
+    """The answer of a Transport call, carrying ``message`` (a popped or peeked one) if any;
+    with a message, already encoded (one copy of its payload instead of three)."""
     if message is None:
         return ptp_pb2.TransportOutbound(code=code, message=text)
-    return ptp_pb2.TransportOutbound(
-        code=code, message=text, payload=message.payload, metadata=message.metadata
-    )
+    return wire.transport_outbound(code, text, message.payload, message.metadata)
+
+
+def _serialize(answer) -> bytes:
+    """A method's answer: a message, or bytes that _outbound encoded already."""
+    return answer if isinstance(answer, bytes) else answer.SerializeToString()
 
 
 class _Edge:
@@ -186,7 +190,7 @@ def add_services(
         return grpc.unary_unary_rpc_method_handler(
             edge_.unary(answer_type, fn),
             request_deserializer=_lenient(request_type),
-            response_serializer=answer_type.SerializeToString,
+            response_serializer=_serialize,
         )
 
     protocol_methods = {

@@ -24,7 +24,7 @@ import time
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import codes, edge
+from . import codes, edge, wire
 from .dispatch import Dispatcher
 from .envelope import Envelope
 from .metrics import render_metrics
@@ -36,11 +36,18 @@ log = logging.getLogger("broker.http")
 _CONTENT_TYPE = "application/x-protobuf"
 _ANSWER_MARGIN_S = 0.25
 _LATE_S = 0.5
+_JOIN_MAX = 1 << 16  # a popped payload up to this size is sent in one piece with its headers
 
 
 def _answer(code: str, message: str = "", payload: bytes = b"") -> web.Response:
     body = TransportOutbound(payload=payload, code=code, message=message).SerializeToString()
     return web.Response(body=body, content_type=_CONTENT_TYPE)
+
+
+class _PopAnswer(web.StreamResponse):
+    # Headers go out with the first body bytes (one write instead of two). aiohttp >= 3.12
+    # reads this attribute; older versions send the headers at once, which is only slower.
+    _send_headers_immediately = False
 
 
 def _peer(request: web.Request) -> str:
@@ -99,15 +106,25 @@ class HttpApi:
             return _answer(codes.INTERNAL, codes.DESCRIPTIONS[codes.INTERNAL])
 
     async def _body(self, request: web.Request) -> bytes:
+        """The body, joined once from the chunks as they come (``request.read()`` copies them
+        into a bytearray and that into bytes), refused past ``client_max_size`` as
+        aiohttp would refuse it."""
+        content, limit = request.content, request.client_max_size
+        if hasattr(content, "set_read_chunk_size"):  # aiohttp >= 3.14: buffer whole bodies
+            content.set_read_chunk_size(limit)
+        chunks, size = [], 0
         try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise edge.Refusal(
-                f"message is over message.max.size ({self.d.cfg.message_max_size} bytes)",
-                codes.TOO_LARGE,
-            ) from None
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > limit:
+                    max_size = self.d.cfg.message_max_size
+                    raise edge.Refusal(
+                        f"message is over message.max.size ({max_size} bytes)", codes.TOO_LARGE
+                    )
+                chunks.append(chunk)
         except HttpProcessingError as exc:  # a body that breaks its own framing
             raise edge.Refusal(f"malformed body: {exc.message}") from None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _deliver(self, request: web.Request, from_network: bool) -> web.Response:
         env = _envelope(request)
@@ -143,18 +160,24 @@ class HttpApi:
         return await self._hand_over(request, key, message)
 
     async def _hand_over(self, request: web.Request, key: QueueKey, message) -> web.StreamResponse:
-        """Answer a pop; a consumer that gave up meanwhile does not lose the message."""
-        body = TransportOutbound(payload=message.payload, code=codes.OK).SerializeToString()
+        """Answer a pop; a consumer that gave up meanwhile does not lose the message.
+
+        The answer is ``TransportOutbound(payload, code)``; the payload is not copied into it
+        but sent as it is between the encoded bytes before and after it (wire.http_answer)."""
+        payload = message.payload
+        prefix, tail = wire.http_answer(codes.OK, "", payload)
         transport = request.transport
         if transport is None or transport.is_closing():
             self.d.queues.requeue(key, message)
             log.warning("consumer of %s left before its pop was answered; message kept", key.topic)
             raise web.HTTPRequestTimeout()
-        resp = web.StreamResponse(headers={"Content-Type": _CONTENT_TYPE})
-        resp.content_length = len(body)
+        resp = _PopAnswer(headers={"Content-Type": _CONTENT_TYPE})
+        resp.content_length = len(prefix) + len(payload) + len(tail)
+        parts = (prefix, payload, tail) if len(payload) > _JOIN_MAX else (prefix + payload + tail,)
         try:
             await resp.prepare(request)
-            await resp.write(body)
+            for part in parts:
+                await resp.write(part)
             await resp.write_eof()
         except (ConnectionError, RuntimeError):
             self.d.queues.requeue(key, message)

@@ -35,7 +35,8 @@ class QueueKey:
 
 @dataclass
 class Message:
-    payload: bytes
+    # Never in a repr: one of a megabyte costs milliseconds to format (and is not logged).
+    payload: bytes = field(repr=False)
     metadata: dict[str, str]
     id: int = 0  # its file in the durable store (0 in memory mode)
 
@@ -193,10 +194,10 @@ class QueueStore:
         finally:
             if not waiter.done():
                 waiter.cancel()
-            try:
+            # A waiter that got its message was taken off already. Test first: deque.remove's
+            # ValueError formats the repr of the future and so of the message it carries.
+            if waiter in q.waiters:
                 q.waiters.remove(waiter)
-            except ValueError:
-                pass
             q.last_used = time.monotonic()
             self._drop_if_empty(key)
 

@@ -20,7 +20,7 @@ from .dispatch import Dispatcher
 from .errors import BrokerError
 from .grpc_api import add_services, server_options
 from .http_api import HttpApi
-from .memory import release_free_memory
+from .memory import raise_malloc_thresholds, release_free_memory
 from .refusals import LibraryLogFilter, RefusalLog
 from .routes import RouteTableFile
 
@@ -92,6 +92,7 @@ class Broker:
             asyncio.create_task(self._every(1000, self.refusals.flush)),
         ]
         if cfg.memory_trim_interval_ms:
+            raise_malloc_thresholds()  # the heap is given back by the trim, not each free
             trim = self._every(cfg.memory_trim_interval_ms, release_free_memory)
             self._tasks.append(asyncio.create_task(trim))
         self.state = State.RUNNING
