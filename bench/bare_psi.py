@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 PARTIES = ("alice", "bob")
@@ -46,7 +48,21 @@ def main(argv: list[str] | None = None) -> int:
         help="let SPU check the keys for duplicates (psi-run skips it in SPU)",
     )
     args = ap.parse_args(argv)
+    # SPU's scratch (sorted input, buckets: copies of the party's data) goes to TMPDIR and its
+    # trace file to /tmp unless told otherwise: both go to a private folder, removed at the end.
+    scratch = tempfile.mkdtemp(
+        prefix=".bare-psi-", dir=os.path.dirname(os.path.abspath(args.output))
+    )
+    os.environ["TMPDIR"] = scratch
+    try:
+        return _run(args, ap, t_start, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
+
+def _run(
+    args: argparse.Namespace, ap: argparse.ArgumentParser, t_start: float, scratch: str
+) -> int:
     import spu.libspu.link as link
     from spu import psi
     from spu import psi_v2_pb2 as v2
@@ -83,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         keys=[args.key],
         skip_duplicates_check=not args.dup_check,
     )
+    cfg.debug_options.trace_path = os.path.join(scratch, "spu.trace")
     if args.protocol == "ECDH":
         from spu import psi_pb2
 
