@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_rows, expected_rows, make_ids, read_result, run_ok, write_csv
+from conftest import (
+    assert_same_rows,
+    expected_rows,
+    make_ids,
+    read_result,
+    run_ok,
+    wait_for,
+    write_csv,
+)
 from conftest import write_spec as _write_spec
 
 from harness.localnet import psi_run_command
@@ -72,7 +80,7 @@ def test_four_jobs_at_once_through_one_broker_pair_each_match_pandas(tmp_path, p
 def test_second_run_of_a_running_job_is_refused_at_once_and_the_first_goes_on(tmp_path, pair):
     spec = _job(tmp_path, pair, "once-1", 11)
     first = _start(spec, "alice")  # waits in its handshake for bob
-    assert _wait(lambda: lock_path(load_spec(spec), "alice").exists())
+    assert wait_for(lambda: lock_path(load_spec(spec), "alice").exists(), 30.0)
     started = time.monotonic()
     second = subprocess.run(
         psi_run_command(spec, "alice"), capture_output=True, text=True, timeout=60
@@ -161,12 +169,3 @@ def test_the_lock_is_exclusive_released_at_the_end_and_a_killed_runs_file_is_tak
     assert "nonce-4" in lock_path(spec, "alice").read_text()
     assert stat.S_IMODE(lock_path(spec, "alice").stat().st_mode) == 0o600
     again.release()
-
-
-def _wait(predicate, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
