@@ -39,8 +39,8 @@ NO_CHECKPOINT = "has no checkpoint"
 
 
 def supported(spec: JobSpec) -> bool:
-    """Whether SPU can resume this job's PSI."""
-    return spec.api == "psi" and spec.protocol in ("RR22", "KKRT")
+    """Whether SPU can resume this job's PSI (a sharded job is not checkpointed)."""
+    return spec.api == "psi" and spec.protocol in ("RR22", "KKRT") and spec.shards == 1
 
 
 def input_digest(path: Path) -> str:

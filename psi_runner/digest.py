@@ -32,6 +32,7 @@ def shared_fields(spec: JobSpec) -> dict[str, object]:
         # Both sides detect a stall and start again together: the same limits on both.
         "stall_timeout_s": spec.stall_timeout_s,
         "retries": spec.retries,
+        "shards": spec.shards,
         **key_rules(spec),
     }
 

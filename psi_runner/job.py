@@ -40,6 +40,8 @@ from . import (
     notice,
     report,
     resources,
+    shard_runs,
+    shards,
 )
 from .backends import BackendResult, backend_for
 from .backends.calls import PsiCall
@@ -93,6 +95,7 @@ class JobRun:
         self.extra: dict[str, object] = {}  # report fields learned on the way
         self.work: Path | None = None
         self.sessions: list[str] = []  # link sessions whose queues our broker should drop
+        self.sharded: shards.ShardedCall | None = None  # set by prepare when spec.shards > 1
         self.watchdog: JobWatchdog | None = None
         self.lock: joblock.JobLock | None = None  # held from preflight to cleanup
         self._talked = False  # the handshake began: our broker holds control messages
@@ -302,6 +305,13 @@ class JobRun:
             # SPU orders rows by the key's raw text: quoted here, bare there would misalign
             log.info("%s: canonical keys: the peer's keys are not quoted alike", self.tag)
             inp.plain = False
+        if self.spec.shards > 1:
+            key = shards.shard_key(agreed.nonce, agreed.peer_nonce)
+            self.sharded = shards.split(inp, self.spec, self.party, folder, key, out)
+            if inp.plain:
+                inp.release()
+            data.release_memory()
+            return self.sharded.whole
         if inp.plain:
             assert isinstance(inp.path, Path)
             inp.release()  # SPU's output is the result: our copy of the rows is not needed
@@ -317,6 +327,8 @@ class JobRun:
         spec, me = self.spec, self.spec.parties[self.party]
         backend = backend_for(spec.backend)
         self.sessions = [agreed.session, *backend.extra_sessions(agreed.session)]
+        if self.sharded is not None:
+            self.sessions = [agreed.session, *shard_runs.sessions(agreed.session, spec.shards)]
         env = blackbox_environment(
             me.broker, spec.party_names, agreed.session, trace_id=agreed.session
         )
@@ -335,7 +347,11 @@ class JobRun:
         with watchdog as self.watchdog:
             interrupts.set_hook(self._interrupted)
             try:
-                result = backend.run(spec, self.party, call, env, agreed.session)
+                if self.sharded is not None:
+                    result, told = shard_runs.run(spec, self.party, self.sharded, agreed.session)
+                    self.extra.update(told)
+                else:
+                    result = backend.run(spec, self.party, call, env, agreed.session)
             finally:
                 interrupts.set_hook(None)
         traffic_after = self._traffic(client)

@@ -34,6 +34,7 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: "$" would all
 _PARTY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TIMEOUT_MAX_S = 86_400  # timeout_s: a peer that starts more than a day late needs a new run
 RETRIES_MAX = 10  # a job that stalls ten times in a row needs a person, not an eleventh try
+SHARDS_MAX = 64  # each shard is an SPU process (or Ray task) of its own at each party
 PATH_MAX_BYTES = 4096  # Linux's PATH_MAX
 KEY_NAME_MAX = 256  # characters in a key column's name
 # C0 and C1 control characters (NUL included) and lone surrogates: no id, name or path holds one.
@@ -90,6 +91,7 @@ class JobSpec:
     # key column -> normalisation steps, applied in order at both parties (keyspec)
     normalize: dict[str, tuple[Step, ...]] = field(default_factory=dict)
     on_invalid: str = "refuse"  # a key a step cannot parse or that becomes empty: refuse | drop
+    shards: int = 1  # independent SPU PSIs over a keyed hash of the key, merged (shards.py)
 
     @property
     def party_names(self) -> list[str]:
@@ -122,6 +124,7 @@ _TOP_KEYS = {
     "left_side",
     "normalize",
     "on_invalid",
+    "shards",
 }
 _PARTY_KEYS = {
     "broker", "input", "output", "ray_address", "prehashed", "salt_file", "work_dir",
@@ -224,6 +227,7 @@ def _parse_fields(doc: dict[Any, Any], base: Path, problems: list[str]) -> dict[
         "left_side": _name(doc.get("left_side")),  # checked against join and parties later
         "normalize": parse_normalize(doc.get("normalize"), problems),
         "on_invalid": _choice(doc, "on_invalid", ON_INVALID, problems),
+        "shards": _shards(doc.get("shards", _DEFAULTS["shards"]), problems),
     }
 
 
@@ -360,6 +364,16 @@ def _retries(value: Any, problems: list[str]) -> int:
         "retries",
         lambda v: isinstance(v, int) and 0 <= v <= RETRIES_MAX,
         f"a whole number from 0 to {RETRIES_MAX}",
+        problems,
+    )
+
+
+def _shards(value: Any, problems: list[str]) -> int:
+    return _number(
+        value,
+        "shards",
+        lambda v: isinstance(v, int) and 1 <= v <= SHARDS_MAX,
+        f"a whole number from 1 (no sharding) to {SHARDS_MAX}",
         problems,
     )
 
@@ -527,6 +541,18 @@ def _psi_csv_limits(values: dict[str, Any], doc: dict[Any, Any]) -> Iterator[str
         )
 
 
+def _shards_fit_call(values: dict[str, Any], doc: dict[Any, Any]) -> Iterator[str]:
+    if values["shards"] == 1:
+        return
+    if values["api"] != "psi":
+        yield "shards: needs api: psi (the legacy psi_csv call is not sharded); remove shards"
+    elif values["join"] != "inner" and values["allow_duplicate_keys"]:
+        yield (
+            f"shards: a sharded join: {values['join']} needs unique keys; remove shards or "
+            "allow_duplicate_keys"
+        )
+
+
 def _left_side_fits_join(values: dict[str, Any], doc: dict[Any, Any]) -> Iterator[str]:
     if "left_side" not in doc:
         return
@@ -591,6 +617,7 @@ def _normalize_fits_keys(values: dict[str, Any], doc: dict[Any, Any]) -> Iterato
 
 _RULES: tuple[_Rule, ...] = (
     _psi_csv_limits,
+    _shards_fit_call,
     _left_side_fits_join,
     _ray_addresses_fit_backend,
     _normalize_fits_keys,
