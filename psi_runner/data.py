@@ -25,17 +25,20 @@ too (told in the handshake), else the canonical way; a file with quotes on some 
 others always goes the canonical way. SPU's legacy ``psi_csv`` reader keeps the quotes of a
 header name, so for ``api: psi_csv`` a quoted file goes the canonical way too.
 
-Before the file is read whole, ``check_input_path`` makes sure it is a regular file (a FIFO is
-refused without being opened) and ``scan_text``, reading fixed-size chunks, that it is UTF-8
-text without NUL bytes whose lines are at most ``LINE_MAX_BYTES`` long: a binary file or an
-endless line is refused at once, in a few MB of memory, naming the byte offset.
+The file is never held whole. ``check_input_path`` makes sure it is a regular file (a FIFO is
+refused without being opened); ``scan_text``, reading fixed-size chunks, that it is UTF-8
+text without NUL bytes whose lines are at most ``LINE_MAX_BYTES`` long (a binary file or an
+endless line is refused at once, in a few MB of memory, naming the byte offset), and on the
+same chunks ``textfacts`` learns the header, blank lines and what the plain decision needs.
+Then Arrow's streaming reader parses the rows batch by batch and only the key columns are
+kept (``csv_io``); the duplicate check hashes them (``distinct``). The other columns are read
+again, batch by batch, only to write a result that SPU did not write itself.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
-import io
 import logging
 import os
 import stat
@@ -48,11 +51,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from . import database, parquet_io
+from . import csv_io, database, distinct, parquet_io
 from .dbspec import DbConfig
 from .errors import PreflightError, cut, shown
 from .normalize import KeyPlan, Normalized, duplicate_rows, normalize_keys
 from .specfile import file_kind
+from .textfacts import PLAIN, TextFacts
 
 log = logging.getLogger("psi_runner.data")
 
@@ -60,11 +64,6 @@ KEY_COLUMN = "psi_key"
 NULL_TEXT = "NULL"  # how a join writes the fields of a row only the peer has (SecretFlow's default)
 ROW_COLUMN = "psi_row"
 _PLAIN_KEY = r"^[ !#-+\x2d-}]+$"  # printable ASCII except '"', ',' and '~'
-# Bytes a plain file may hold anywhere: the plain key alphabet, plus ',' and '\n'.
-_PLAIN_BYTES = np.zeros(256, dtype=bool)
-_PLAIN_BYTES[0x20:0x7F] = True
-_PLAIN_BYTES[[ord('"'), ord("~")]] = False
-_PLAIN_BYTES[ord("\n")] = True
 _HEX = np.array([list(f"{i:02x}".encode()) for i in range(256)], dtype=np.uint8)
 LINE_MAX_BYTES = 1 << 20  # the longest input line (a CSV row) accepted, without its newline
 # Chunks of the pre-scan; at most LINE_MAX_BYTES, so that a longer line always reaches past
@@ -76,8 +75,8 @@ _PATH_SHOWN = 100  # characters of a path a message shows (its two ends)
 
 @dataclass
 class InputTable:
-    """A checked input file: all columns as text, in file order, and the keys SPU compares
-    (``normalized``: the key columns after the spec's steps, for the rows kept)."""
+    """A checked input: its key columns as text, in file order (``table``), and the keys SPU
+    compares (``normalized``: the key columns after the spec's steps, for the rows kept)."""
 
     path: Path
     columns: list[str]
@@ -87,9 +86,8 @@ class InputTable:
     keys_quoted: bool = False  # every key field is in quotes (``plain``: the same SPU order)
     normalized: Normalized | None = None  # None: the keys are the file's values, every row
     plan: KeyPlan | None = None  # how the keys were normalised (and the salt, if any)
-    # A Parquet input: ``table`` holds only the key columns (as text); the rows are read
-    # again from here, row group by row group, to write the result.
-    source: parquet_io.ParquetSource | None = None
+    # Where the rows are read again, batch by batch, to write the result (CSV, Parquet).
+    source: parquet_io.ParquetSource | csv_io.CsvSource | None = None
     released_rows: int = -1  # the rows once ``release`` dropped the table (-1: not dropped)
 
     @property
@@ -117,10 +115,6 @@ class InputTable:
             return positions
         kept = self.normalized.kept
         return np.where(positions < 0, -1, kept[np.maximum(positions, 0)])
-
-
-def _line_of(data: bytes, pos: int) -> int:
-    return data.count(b"\n", 0, pos) + 1
 
 
 def _where(kind: str, path: Path) -> str:
@@ -176,21 +170,26 @@ def _open_input(path: Path, where: str) -> int:
     return fd
 
 
-def scan_text(fd: int, where: str) -> None:
+def scan_text(fd: int, where: str) -> TextFacts:
     """Refuse, naming the byte offset, a file that is not UTF-8, holds a NUL byte or has a
-    line longer than ``LINE_MAX_BYTES``; reads ``fd`` to its end in fixed-size chunks."""
+    line longer than ``LINE_MAX_BYTES``; reads ``fd`` to its end in fixed-size chunks and
+    returns what it learned on the way (``TextFacts``)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
+    facts = TextFacts()
     offset = 0  # of the chunk in the file
     line_start, line_no = 0, 1  # where the current line starts, and its number
     while True:
         chunk = os.read(fd, _SCAN_CHUNK)
         found: list[tuple[int, int, int]] = []  # (offset, kind, the byte there); first counts
         held = decoder.getstate()[0]  # the start of a character split by the chunk's edge
-        try:
-            decoder.decode(chunk, final=not chunk)
-        except UnicodeDecodeError as exc:
-            found.append((offset - len(held) + exc.start, _NOT_UTF8, (held + chunk)[exc.start]))
-        nul = chunk.find(b"\0")
+        rest = chunk.translate(None, PLAIN)  # bytes outside the plain alphabet: most chunks none
+        if held or not rest.isascii():  # ASCII is UTF-8: most chunks need no decoding
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                at = offset - len(held) + exc.start
+                found.append((at, _NOT_UTF8, (held + chunk)[exc.start]))
+        nul = chunk.find(b"\0") if b"\0" in rest else -1
         if nul >= 0:
             found.append((offset + nul, _NUL, 0))
         first_newline = chunk.find(b"\n")
@@ -202,8 +201,9 @@ def scan_text(fd: int, where: str) -> None:
             line = line_no + chunk.count(b"\n", 0, max(at - offset, 0))
             raise PreflightError(_scan_refusal(where, kind, at, line, byte, line_start, line_no))
         if not chunk:
-            return
+            return facts.finish()
         newlines = chunk.count(b"\n")
+        facts.feed(chunk, rest, newlines)
         if newlines:
             line_start, line_no = offset + chunk.rfind(b"\n") + 1, line_no + newlines
         offset += len(chunk)
@@ -228,12 +228,6 @@ def _scan_refusal(
     )
 
 
-def _read_all(fd: int) -> bytes:
-    os.lseek(fd, 0, os.SEEK_SET)
-    with os.fdopen(os.dup(fd), "rb") as fh:
-        return fh.read()
-
-
 def inspect_input(
     path: Path,
     keys: tuple[str, ...],
@@ -241,26 +235,65 @@ def inspect_input(
     plan: KeyPlan | None = None,
 ) -> InputTable:
     """Read and check the input CSV, normalising its keys as ``plan`` says; raise
-    PreflightError with one readable sentence."""
+    PreflightError with one readable sentence.
+
+    The file is read twice, streaming, never whole: its bytes (``scan_text``), then its rows
+    as Arrow batches (``csv_io``), of which only the key columns are kept."""
     where = _where("input", path)
     fd = _open_input(path, where)
     try:
-        scan_text(fd, where)
-        data = _read_all(fd)
+        facts = scan_text(fd, where)
+        header = _checked_header(facts, keys, where)
+        got = csv_io.read_keys(fd, header, keys, look_at_values=facts.has_quote)
+        st = os.fstat(fd)
     except OSError as exc:
         raise PreflightError(
             f"{where}: cannot read ({exc.strerror}); check its permissions"
         ) from None
+    except pa.ArrowInvalid as exc:
+        detail = shown(str(exc).split("\n")[0], 90)[1:-1]  # pyarrow quotes the row: cut it
+        raise PreflightError(f"{where}: not a well-formed CSV file ({detail})") from None
     finally:
         os.close(fd)
-    bom = data.startswith(b"\xef\xbb\xbf")
-    body = data[3:] if bom else data
-    if not body.strip():
-        raise PreflightError(f"{where}: the file is empty; it needs a header line and rows")
+    table = got.table
+    if table.num_rows == 0:
+        raise PreflightError(f"{where}: has a header but no rows")
 
-    header_end = body.find(b"\n")
-    header_line = body[: header_end if header_end >= 0 else len(body)].decode("utf-8")
-    header_line = header_line.rstrip("\r")
+    normalized = _checked_keys(table, keys, allow_duplicates, plan, where)
+    # SPU aligns the two outputs row by row only when the key is the first column (it sorts
+    # by the first column otherwise); the canonical-key file always has the key first.
+    quoted = facts.has_quote
+    plain = (
+        _unchanged(normalized)
+        and len(keys) == 1
+        and header[0] == keys[0]
+        and not facts.bom
+        and not facts.has_cr
+        and (not quoted or not (_names_hold_quoted_text(header) or got.quoted_text))
+        and _plain_keys(table[keys[0]], facts.plain_or_quote)
+    )
+    keys_quoted = False
+    if plain and quoted:
+        form = _first_field_quoting(facts)
+        plain, keys_quoted = form is not None, form == "all"
+    return InputTable(
+        path=path,
+        columns=header,
+        table=table,
+        plain=plain,
+        quoted=quoted,
+        keys_quoted=keys_quoted,
+        normalized=normalized,
+        plan=plan,
+        source=csv_io.CsvSource(path, header, st.st_size, st.st_mtime_ns),
+    )
+
+
+def _checked_header(facts: TextFacts, keys: tuple[str, ...], where: str) -> list[str]:
+    """The column names, after every check that needs only the text's facts."""
+    if facts.empty:
+        raise PreflightError(f"{where}: the file is empty; it needs a header line and rows")
+    header_line = facts.header.decode("utf-8").rstrip("\r")
     if "\r" in header_line:  # csv would say "new-line character seen in unquoted field"
         raise PreflightError(
             f"{where}: its first line holds a CR alone (old Mac line breaks?); save it with LF "
@@ -282,56 +315,11 @@ def inspect_input(
             f"{where}: key column {shown(missing[0], 30)} not found; the columns are: "
             + _column_list(header)
         )
-    blank = _first_blank_line(body)
-    if blank:
-        raise PreflightError(f"{where}: line {blank} is blank; remove blank lines")
-    if header_end < 0:  # a lone header without a newline; pyarrow's message for it is obscure
+    if facts.blank_line:
+        raise PreflightError(f"{where}: line {facts.blank_line} is blank; remove blank lines")
+    if not facts.header_ends:  # a lone header without a newline; pyarrow's message is obscure
         raise PreflightError(f"{where}: has a header but no rows")
-
-    try:
-        table = pcsv.read_csv(
-            io.BytesIO(body),
-            read_options=pcsv.ReadOptions(column_names=header, skip_rows=1, block_size=16 << 20),
-            parse_options=pcsv.ParseOptions(newlines_in_values=True),
-            convert_options=pcsv.ConvertOptions(
-                column_types={h: pa.string() for h in header},
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )
-    except pa.ArrowInvalid as exc:
-        detail = shown(str(exc).split("\n")[0], 90)[1:-1]  # pyarrow quotes the row: cut it
-        raise PreflightError(f"{where}: not a well-formed CSV file ({detail})") from None
-    if table.num_rows == 0:
-        raise PreflightError(f"{where}: has a header but no rows")
-
-    normalized = _checked_keys(table, keys, allow_duplicates, plan, where)
-    # SPU aligns the two outputs row by row only when the key is the first column (it sorts
-    # by the first column otherwise); the canonical-key file always has the key first.
-    quoted = b'"' in body
-    plain = (
-        _unchanged(normalized)
-        and len(keys) == 1
-        and header[0] == keys[0]
-        and not bom
-        and _plain_file(body)
-        and (not quoted or _quotes_are_syntax(table))
-        and _plain_keys(table[keys[0]], _PLAIN_BYTES[np.frombuffer(body, np.uint8)].all())
-    )
-    keys_quoted = False
-    if plain and quoted:
-        form = _first_field_quoting(body)
-        plain, keys_quoted = form is not None, form == "all"
-    return InputTable(
-        path=path,
-        columns=header,
-        table=table,
-        plain=plain,
-        quoted=quoted,
-        keys_quoted=keys_quoted,
-        normalized=normalized,
-        plan=plan,
-    )
+    return header
 
 
 def _checked_keys(
@@ -440,35 +428,17 @@ def _column_list(header: list[str]) -> str:
     return ", ".join(names)
 
 
-def _plain_file(body: bytes) -> bool:
-    """No CR or NUL anywhere (quotes are looked at by ``_quotes_are_syntax``)."""
-    return b"\r" not in body and b"\0" not in body
+def _names_hold_quoted_text(header: list[str]) -> bool:
+    """A column name with a quote, comma, CR or LF (only quoting can put it there)."""
+    return any(any(c in name for c in '",\n\r') for name in header)
 
 
-_QUOTED_TEXT = '[",\n\r]'  # what only quoting can put into a field
-
-
-def _quotes_are_syntax(table: pa.Table) -> bool:
-    """No column name or parsed value holds a quote, comma, CR or LF: every line is one row,
-    commas only separate fields, and each quote only wraps a field, so SPU, which parses the
-    file and copies matched rows' raw lines, sees the same values and rows as pyarrow."""
-    if any(any(c in name for c in '",\n\r') for name in table.column_names):
-        return False
-    for column in table.columns:
-        if pc.any(pc.match_substring_regex(column, _QUOTED_TEXT)).as_py():
-            return False
-    return True
-
-
-def _first_field_quoting(body: bytes) -> str | None:
+def _first_field_quoting(facts: TextFacts) -> str | None:
     """Whether the first field of every data line is quoted ("all"), none is ("none"), or
-    some are (None). Only for a file whose lines are its rows (``_quotes_are_syntax``)."""
-    arr = np.frombuffer(body, np.uint8)
-    starts = np.flatnonzero(arr[:-1] == 0x0A) + 1  # the data lines (a final newline starts none)
-    quoted = int(np.count_nonzero(arr[starts] == 0x22))
-    if quoted == 0:
+    some are (None). Only for a file whose lines are its rows (no quoted text)."""
+    if facts.quoted_starts == 0:
         return "none"
-    return "all" if quoted == len(starts) else None
+    return "all" if facts.quoted_starts == facts.data_lines else None
 
 
 def _plain_keys(column: pa.ChunkedArray, plain_bytes: bool) -> bool:
@@ -479,47 +449,9 @@ def _plain_keys(column: pa.ChunkedArray, plain_bytes: bool) -> bool:
     return bool(pc.all(pc.match_substring_regex(column, _PLAIN_KEY)).as_py())
 
 
-def _first_blank_line(body: bytes) -> int:
-    """1-based number of the first empty line (a final newline is not one), else 0."""
-    if body.startswith((b"\n", b"\r\n")):
-        return 1
-    for needle in (b"\n\n", b"\n\r\n"):
-        pos = body.find(needle)
-        if pos >= 0 and pos + len(needle) < len(body):
-            return _line_of(body, pos) + 1
-    return 0
-
-
-_DUP_PARTS = 32  # partitions of the single-column duplicate check
-
-
 def _all_distinct(column: pa.ChunkedArray) -> bool:
-    """No value repeats. Checked partition by partition (by a value's last byte and length),
-    so that the hash table is a partition's, not the whole column's: at 10M keys the peak is
-    about 0.4 GB lower than one ``unique`` over the column, in about the same time."""
-    arr = column.combine_chunks()
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)) or not len(arr):
-        return len(pc.unique(arr)) == len(arr)
-    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset : arr.offset + len(arr) + 1]
-    raw = arr.buffers()[2]
-    data = np.frombuffer(raw, dtype=np.uint8) if raw is not None else np.zeros(1, np.uint8)
-    starts, ends = offsets[:-1], offsets[1:]
-    last = np.where(ends > starts, data[np.maximum(ends - 1, 0)], 0).astype(np.int64)
-    part = (last * 7 + (ends - starts)) % _DUP_PARTS
-    order = np.argsort(part, kind="stable").astype(np.int64)
-    counts = np.bincount(part, minlength=_DUP_PARTS)
-    del last, part
-    index = pa.Int64Array.from_buffers(pa.int64(), len(order), [None, pa.py_buffer(order)])
-    grouped = arr.take(index)
-    del index, order, arr
-    start = 0
-    for count in counts.tolist():
-        piece = grouped.slice(start, count)
-        start += count
-        if len(pc.unique(piece)) != count:
-            return False
-    return True
+    """No value repeats (``distinct``: hashed with numpy, sorted; exact on a collision)."""
+    return distinct.all_distinct(column)
 
 
 def _check_duplicates(table: pa.Table, keys: tuple[str, ...], where: str) -> None:

@@ -8,7 +8,7 @@ A rough model, from measurements on a 2-core, 24 GB machine (RR22; bench/README.
   (at most the size of the input).
 * **memory**, of the party's largest process (with the ``embedded`` backend SPU runs inside
   the job process): SPU's own peak, about ``SPU_MEMORY_BASE`` plus ``SPU_MEMORY_PER_ROW`` a
-  row, plus what psi-run holds of the input while SPU runs (its Arrow table, measured).
+  row, plus what psi-run holds of the input while SPU runs (its key columns, measured).
 
 A shortfall is a warning, not a refusal: the figures are estimates, and the other party's
 processes on the same machine are not counted.
@@ -21,6 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .csv_io import CsvSource
 from .data import InputTable
 
 SPU_DISK_PER_ROW = 65
@@ -40,7 +41,8 @@ def estimate(inp: InputTable) -> Needs:
     """What the job with input ``inp`` will need (see the module docstring)."""
     rows = inp.rows
     try:
-        input_bytes = os.stat(inp.path).st_size if inp.source is None else 0
+        text = inp.source is None or isinstance(inp.source, CsvSource)
+        input_bytes = os.stat(inp.path).st_size if text else 0
     except (OSError, TypeError):
         input_bytes = 0
     keys = inp.normalized.keys.nbytes if inp.normalized is not None else inp.table.nbytes

@@ -6,10 +6,11 @@ import itertools
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from psi_runner.data import canonical_keys, inspect_input
+from psi_runner.data import canonical_keys, inspect_input, result_table
 from psi_runner.errors import PreflightError
 
 PLAIN = re.compile(r"^[ !#-+\x2d-}]+$")  # printable ASCII without '"', ',' and '~'
@@ -217,7 +218,10 @@ def test_plain_simple_file(tmp_path: Path) -> None:
     assert inp.columns == ["uid", "age"]
     assert inp.rows == 3
     assert inp.table.column("uid").to_pylist() == ["u1", "u-2", "x y"]
-    assert inp.table.schema.field("age").type == pa.string()  # numbers stay text
+    assert inp.table.column_names == ["uid"]  # only the keys are held
+    rows = result_table(inp, np.arange(3))  # the rest is read again for the result
+    assert rows.column("age").to_pylist() == ["3", "4", "5"]
+    assert rows.schema.field("age").type == pa.string()  # numbers stay text
 
 
 @pytest.mark.parametrize(
@@ -248,7 +252,8 @@ def test_crlf_and_quoted_values_read_correctly(tmp_path: Path) -> None:
         write(tmp_path, 'uid,v\r\n"a,b",1\r\n"q""x",2\r\n"multi\nline",3\r\n'), ("uid",)
     )
     assert inp.table.column("uid").to_pylist() == ["a,b", 'q"x', "multi\nline"]
-    assert inp.table.column("v").to_pylist() == ["1", "2", "3"]
+    rows = result_table(inp, np.array([2, -1, 0]))
+    assert rows.column("v").to_pylist() == ["3", None, "1"]
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -1,0 +1,115 @@
+"""The streaming input path (issue 12): what one pass over the bytes learns, the hashed
+duplicate check and the rows read again for the result agree with whole-file computations
+(pandas, Python's own bytes methods), at every chunk size and on generated inputs."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from psi_runner import distinct
+from psi_runner.csv_io import CsvSource
+from psi_runner.data import inspect_input, result_table
+from psi_runner.errors import OutputError
+from psi_runner.textfacts import BOM, TextFacts
+
+alphabet = st.sampled_from([b"a", b"1", b",", b"\n", b"\r", b'"', b"~", b" ", b"\xc3\xa9"])
+texts = st.lists(alphabet, max_size=40).map(b"".join)
+
+
+def whole_file_facts(raw: bytes) -> dict:
+    """The same facts, computed on the whole file at once."""
+    bom = raw.startswith(BOM)
+    body = raw[3:] if bom else raw
+    nl = body.find(b"\n")
+    blank = 0
+    if body.startswith((b"\n", b"\r\n")):
+        blank = 1
+    else:
+        for needle in (b"\n\n", b"\n\r\n"):
+            pos = body.find(needle)
+            if pos >= 0 and pos + len(needle) < len(body):
+                blank = body.count(b"\n", 0, pos) + 2
+                break
+    plain = set(range(0x20, 0x7F)) - set(b'"~') | {0x0A}
+    arr = np.frombuffer(body, np.uint8)
+    starts = np.flatnonzero(arr[:-1] == 0x0A) + 1
+    return {
+        "bom": bom,
+        "header": body[: nl if nl >= 0 else len(body)],
+        "header_ends": nl >= 0,
+        "empty": not body.strip(),
+        "blank_line": blank,
+        "has_cr": b"\r" in body,
+        "has_quote": b'"' in body,
+        "plain_bytes": set(body) <= plain,
+        "plain_or_quote": set(body) <= plain | {0x22},
+        "data_lines": len(starts),
+        "quoted_starts": int(np.count_nonzero(arr[starts] == 0x22)),
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(head=st.sampled_from([b"", BOM, BOM[:2], b"uid\n"]), raw=texts, chunk=st.integers(1, 9))
+def test_text_facts_agree_with_a_whole_file_computation_at_every_chunk_size(head, raw, chunk):
+    raw = head + raw
+    facts = TextFacts()
+    for i in range(0, len(raw), chunk):
+        facts.feed(raw[i : i + chunk])
+    facts.finish()
+    got = {k: getattr(facts, k) for k in whole_file_facts(raw)}
+    assert got == whole_file_facts(raw)
+
+
+def test_duplicate_check_agrees_with_pandas_on_many_shapes() -> None:
+    rng = random.Random(7)
+    for round_ in range(40):
+        width = rng.choice([None, 6, 8, 11, 16, 17])  # None: mixed lengths
+        values = list(
+            {
+                "".join(rng.choice('ab张,"') for _ in range(width or rng.randrange(0, 30)))
+                for _ in range(2000)
+            }
+        )
+        if round_ % 2:
+            values.insert(rng.randrange(len(values)), rng.choice(values))
+        arr = pa.array(values, pa.large_string() if round_ % 3 else pa.string())
+        chunked = pa.chunked_array([arr.slice(0, 700), arr.slice(700)])  # offset slices
+        want = not pd.Series(values).duplicated().any()
+        assert distinct.all_distinct(chunked) is want, (round_, width)
+
+
+def test_a_hash_collision_falls_back_to_the_exact_check(monkeypatch) -> None:
+    monkeypatch.setattr(distinct, "value_hashes", lambda arr: np.zeros(len(arr), np.uint64))
+    assert distinct.all_distinct(pa.array(["a", "b", "c"])) is True
+    assert distinct.all_distinct(pa.array(["a", "b", "a"])) is False
+
+
+def test_result_rows_are_read_again_in_the_order_asked(tmp_path) -> None:
+    path = tmp_path / "in.csv"
+    rows = [(f"k{i}", f'v "{i}",\n{i}' if i % 7 == 0 else f"v{i}") for i in range(5000)]
+    pd.DataFrame(rows, columns=["uid", "note"]).to_csv(path, index=False)
+    inp = inspect_input(path, ("uid",))
+    assert inp.table.column_names == ["uid"]  # the preflight keeps the keys only
+    asked = np.array([4999, -1, 0, 2500, 7, -1, 14], dtype=np.int64)
+    got = result_table(inp, asked)
+    want = [rows[i] if i >= 0 else (None, None) for i in asked]
+    assert list(zip(got["uid"].to_pylist(), got["note"].to_pylist())) == want
+
+
+def test_an_input_changed_during_the_job_is_not_used_for_the_result(tmp_path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text("uid,v\na,1\nb,2\n")
+    inp = inspect_input(path, ("uid",))
+    path.write_text("uid,v\nb,2\na,1\nc,3\n")
+    os.utime(path, ns=(1, 1))
+    assert isinstance(inp.source, CsvSource)
+    with pytest.raises(OutputError, match="changed while the job ran"):
+        result_table(inp, np.array([0, 1]))
