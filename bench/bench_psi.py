@@ -8,6 +8,10 @@ one process so that machine noise hits both alike:
   (b) the baseline: two processes of ``bench/bare_psi.py``, each one SPU PSI v2 call on a
       direct brpc link between 127.0.0.1 ports (no broker, no psi-run).
 
+``--shards 1,2,4`` runs (a) once per shard count (``shards: K`` in the spec, ``K=`` in the
+label); peak RSS then also gives the sum over each party's processes (its K SPU processes peak
+at about the same time).
+
 ``--backends embedded,secretflow,ray`` runs (a) once per backend (the ``ray`` backend against
 two Ray heads started at the beginning on disjoint ports), so the backends' fixed costs are
 measured side by side in one run.
@@ -188,6 +192,7 @@ class Run:
     proc_s: float = 0.0  # in-process total_s reported by the parties (max of the two)
     setup_s: float = 0.0  # brokers' start (a) / nothing (b); not part of wall_s
     rss: tuple[int, int] = (0, 0)  # peak RSS (bytes) of each party's largest process
+    rss_sum: tuple[int, int] = (0, 0)  # the sum of the peaks of each party's processes
 
     @property
     def label(self) -> str:
@@ -195,17 +200,30 @@ class Run:
 
 
 def variant_label(variant: str) -> str:
-    """ "b" is bare SPU; "a:<route>" psi-run (embedded); "a-<backend>:<route>" other backends."""
+    """ "b" is bare SPU; "a:<route>" psi-run (embedded); "a-<backend>:<route>" other backends;
+    "/K" after the route: ``shards: K``."""
     if variant == "b":
         return "bare SPU"
     kind, route = variant.split(":")
     backend = kind[2:] if kind.startswith("a-") else ""
-    return f"psi-run{f'[{backend}]' if backend else ''}+brokers({route})"
+    shards = f" K={variant_shards(variant)}" if "/" in route else ""
+    return f"psi-run{f'[{backend}]' if backend else ''}+brokers({variant_route(variant)}){shards}"
 
 
-def variant_name(backend: str, route: str) -> str:
-    """The variant of (a) with ``backend`` over ``route``: "a:<route>" or "a-<backend>:<route>"."""
-    return f"a:{route}" if backend == "embedded" else f"a-{backend}:{route}"
+def variant_name(backend: str, route: str, shards: int = 1) -> str:
+    """The variant of (a) with ``backend`` over ``route``: "a:<route>" or "a-<backend>:<route>",
+    with "/K" for ``shards: K`` > 1."""
+    name = f"a:{route}" if backend == "embedded" else f"a-{backend}:{route}"
+    return name + (f"/{shards}" if shards > 1 else "")
+
+
+def variant_route(variant: str) -> str:
+    return variant.split(":")[1].split("/")[0]
+
+
+def variant_shards(variant: str) -> int:
+    route = variant.split(":")[1]
+    return int(route.split("/")[1]) if "/" in route else 1
 
 
 def variant_backend(variant: str) -> str:
@@ -236,16 +254,18 @@ def run_product(
     timeout_s: float,
     backend: str = "embedded",
     ray_heads: dict[str, str] | None = None,
+    shards: int = 1,
 ) -> Run:
     """(a): two routed brokers, then both psi-run processes; wall time of the psi-runs."""
-    who = f"round {rnd} (a) {backend} route {route}"
+    who = f"round {rnd} (a) {backend} route {route} shards {shards}"
     t = time.monotonic()
     brokers = start_pair(run_dir / "brokers", protocol=route)
     setup_s = time.monotonic() - t
     try:
         spec = run_dir / "job.yaml"
         doc = {
-            "job_id": f"bench-{rnd}-{route}-{backend}",
+            "job_id": f"bench-{rnd}-{route}-{backend}-{shards}",
+            "shards": shards,
             "backend": backend,
             "protocol": protocol,
             "keys": [KEY],
@@ -296,7 +316,7 @@ def run_product(
     stages = {k: max(rep["seconds"][k] for rep in reports) for k in reports[0]["seconds"]}
     return Run(
         rnd,
-        variant_name(backend, route),
+        variant_name(backend, route, shards),
         wall,
         stages["psi_s"],
         stages["link_s"],
@@ -305,7 +325,13 @@ def run_product(
         stages["total_s"],
         setup_s,
         _rss(mem),
+        _rss_sum(mem),
     )
+
+
+def _rss_sum(mem: PeakRss) -> tuple[int, int]:
+    summed = mem.summed()
+    return (summed.get(PARTIES[0], 0), summed.get(PARTIES[1], 0))
 
 
 def _rss(mem: PeakRss) -> tuple[int, int]:
@@ -414,7 +440,10 @@ def run_bare(
     psi_s = max(r["seconds"]["psi_s"] for r in reports)
     link_s = max(r["seconds"]["link_s"] for r in reports)
     proc_s = max(r["seconds"]["total_s"] for r in reports)
-    return Run(rnd, "b", wall, psi_s, link_s, tuple(rows), proc_s=proc_s, rss=_rss(mem))
+    return Run(
+        rnd, "b", wall, psi_s, link_s, tuple(rows), proc_s=proc_s, rss=_rss(mem),
+        rss_sum=_rss_sum(mem),
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,7 +490,7 @@ def machine_info() -> list[str]:
 HEADER = (
     f"{'round':>5}  {'#':>1}  {'variant':<33} {'wall_s':>8} {'psi_s':>8} {'link_s':>7} "
     f"{'wall-psi':>8} {'proc_s':>7} {'prep_s':>7} {'out_s':>6} {'brokers':>7}  rows alice/bob"
-    "  peak RSS MB alice/bob"
+    "  peak RSS MB alice/bob (largest process, sum of processes)"
 )
 
 
@@ -480,6 +509,7 @@ def row_line(r: Run, pos: int) -> str:
         f"{r.round:>5}  {pos:>1}  {r.label:<33} {r.wall_s:>8.2f} {r.psi_s:>8.2f} "
         f"{r.link_s:>7.2f} {r.wall_s - r.psi_s:>8.2f} {r.proc_s:>7.2f} {prep:>7} {out:>6} "
         f"{brk:>7}  {r.rows[0]}/{r.rows[1]}  {_mb(r.rss[0])}/{_mb(r.rss[1])}"
+        f"  {_mb(r.rss_sum[0])}/{_mb(r.rss_sum[1])}"
     )
 
 
@@ -498,6 +528,8 @@ def summary(runs: list[Run], variants: list[str]) -> list[str]:
             "max_wall": max(r.wall_s for r in rs),
             "rss_a": statistics.median(r.rss[0] for r in rs),
             "rss_b": statistics.median(r.rss[1] for r in rs),
+            "sum_a": statistics.median(r.rss_sum[0] for r in rs),
+            "sum_b": statistics.median(r.rss_sum[1] for r in rs),
         }
     lines = [
         (
@@ -535,7 +567,10 @@ def summary(runs: list[Run], variants: list[str]) -> list[str]:
     )
     for v in variants:
         m = med[v]
-        line = f"  {variant_label(v):<33} {_mb(m['rss_a'])}/{_mb(m['rss_b'])}"
+        line = (
+            f"  {variant_label(v):<33} {_mb(m['rss_a'])}/{_mb(m['rss_b'])}"
+            f"  (all processes: {_mb(m['sum_a'])}/{_mb(m['sum_b'])})"
+        )
         big_base = max(base["rss_a"], base["rss_b"])
         if v != "b" and big_base:
             line += f"  ratio {max(m['rss_a'], m['rss_b']) / big_base:.2f}"
@@ -602,6 +637,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default embedded)",
     )
     ap.add_argument(
+        "--shards",
+        default="1",
+        help="comma-separated shard counts K for (a), e.g. 1,2,4 (default 1)",
+    )
+    ap.add_argument(
         "--bare-dup-check",
         action="store_true",
         help="(b) lets SPU check for duplicate keys (psi-run skips that check in "
@@ -615,6 +655,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"{BIN / tool} not found; run with the project's .venv/bin/python")
     args.routes = ["grpc", "http"] if args.route == "both" else [args.route]
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    try:
+        args.shards = [int(k) for k in args.shards.split(",") if k.strip()]
+    except ValueError:
+        ap.error(f"--shards: whole numbers separated by commas, got {args.shards!r}")
+    if not args.shards or any(not 1 <= k <= 64 for k in args.shards):
+        ap.error("--shards: each K must be from 1 to 64")
     unknown = sorted(set(args.backends) - {"embedded", "secretflow", "ray"})
     if unknown or not args.backends:
         ap.error(f"--backends: unknown {', '.join(unknown) or '(none given)'}")
@@ -693,13 +739,14 @@ def run_variant(
         return run_bare(rnd, data, run_dir, args.protocol, args.timeout, args.bare_dup_check)
     return run_product(
         rnd,
-        variant.split(":")[1],
+        variant_route(variant),
         data,
         run_dir,
         args.protocol,
         args.timeout,
         variant_backend(variant),
         ray_addresses,
+        variant_shards(variant),
     )
 
 
@@ -729,7 +776,9 @@ def print_summary(
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every run succeeded, 1 on a failed run, 130 on Ctrl+C."""
     args = parse_args(argv)
-    variants = [variant_name(b, r) for b in args.backends for r in args.routes]
+    variants = [
+        variant_name(b, r, k) for b in args.backends for r in args.routes for k in args.shards
+    ]
     variants.append("b")
     print_job(args)
 

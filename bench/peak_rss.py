@@ -105,6 +105,16 @@ class PeakRss:
                 out[group] = hwm
         return out
 
+    def summed(self) -> dict[str, int]:
+        """Group -> the sum of its processes' peaks in bytes (an upper bound of what they held
+        at once; a sharded job's SPU processes peak at about the same time)."""
+        out: dict[str, int] = {}
+        for pid, hwm in self.peak.items():
+            group = self.group_of.get(self._tops.get(pid, -1))
+            if group is not None:
+                out[group] = out.get(group, 0) + hwm
+        return out
+
 
 def party_label(parties: tuple[str, ...]) -> Callable[[list[str]], str | None]:
     """Group by ``--party NAME`` (psi-run) or ``--rank I`` (bare_psi.py); others are ignored."""

@@ -80,7 +80,12 @@ def run(
             merge(spec, party, outputs, sharded.whole.output_path)
         except ValueError as exc:
             raise BackendError(f"job {spec.job_id}: merging the shards failed ({exc})") from exc
-    seconds = {"psi_s": psi_s, "merge_s": time.monotonic() - t}
+    # psi_s: from starting the shards to the last one's end; link_s: the slowest link
+    seconds = {
+        "link_s": max(r["link_s"] for r in reports),
+        "psi_s": psi_s,
+        "merge_s": time.monotonic() - t,
+    }
     log.info("job %s party %s: %d shards done, %s", spec.job_id, party, spec.shards, info)
     return BackendResult(total, seconds), {"shards": info}
 
