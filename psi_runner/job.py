@@ -335,7 +335,8 @@ class JobRun:
         client = broker_client.BrokerClient(me.broker)
         traffic_before = self._traffic(client)
         log_offset = self._log_size()
-        stall = StallMeter(self.log_path, me.broker, agreed.session)
+        watched = self.sessions[1:] if self.sharded is not None else agreed.session
+        stall = StallMeter(self.log_path, me.broker, watched)
         watchdog = JobWatchdog(
             spec,
             self.party,

@@ -45,6 +45,7 @@ from .spec import JobSpec
 log = logging.getLogger("psi_runner.shards")
 
 _POSITIONS = 64  # byte positions of the tabulation table (later bytes rotate it)
+_COLUMNS = 256  # strings up to this long are hashed position by position
 _SLICE_ROWS = 1 << 18  # canonical keys hashed and written at a time
 _CHUNK_BYTES = 8 << 20  # raw file read at a time
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -82,27 +83,58 @@ class ShardHash:
     def shards(
         self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, k: int
     ) -> np.ndarray:
-        """The shard (0..k-1) of each byte string ``buf[starts[i]:starts[i]+lengths[i]]``."""
-        n = len(starts)
+        """The shard (0..k-1) of each byte string ``buf[starts[i]:starts[i]+lengths[i]]``.
+
+        The hash: the length's word XOR, over the positions j, the table's word for (j mod 64,
+        the byte at j), rotated left by ``_turn(j)``; then ``_mix``."""
+        starts = starts.astype(np.int64)
         lengths = lengths.astype(np.int64)
-        total = int(lengths.sum())
         h = self.lengths[lengths & 255].copy()
-        if total:
-            first = np.cumsum(lengths) - lengths
-            row = np.repeat(np.arange(n, dtype=np.int64), lengths)
-            pos = np.arange(total, dtype=np.int64) - first[row]
-            byte = buf[starts[row] + pos]
-            word = self.table[pos % _POSITIONS, byte]
-            turn = ((pos // _POSITIONS) % 63).astype(np.uint64)
-            late = pos >= _POSITIONS  # bytes beyond the table: rotated, so that they do not cancel
-            if late.any():
-                t = turn[late] + np.uint64(1)
-                w = word[late]
-                word[late] = (w << t) | (w >> (np.uint64(64) - t))
-            nonzero = lengths > 0
-            acc = np.bitwise_xor.reduceat(word, first[nonzero])
-            h[nonzero] ^= acc
+        long = lengths > _COLUMNS
+        short = np.flatnonzero(~long) if long.any() else None
+        if short is None:
+            h ^= self._by_column(buf, starts, lengths)
+        else:
+            h[short] ^= self._by_column(buf, starts[short], lengths[short])
+            rest = np.flatnonzero(long)
+            h[rest] ^= self._by_byte(buf, starts[rest], lengths[rest])
         return (_mix(h) % np.uint64(k)).astype(np.int64)
+
+    def _by_column(self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The XOR part for short strings, one byte position at a time over all of them."""
+        acc = np.zeros(len(starts), dtype=np.uint64)
+        if not len(starts) or not len(buf):
+            return acc
+        top = len(buf) - 1
+        for j in range(int(lengths.max())):
+            word = _rotated(self.table[j % _POSITIONS], _turn(j))[buf[np.minimum(starts + j, top)]]
+            acc ^= np.where(lengths > j, word, np.uint64(0))
+        return acc
+
+    def _by_byte(self, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The XOR part for long strings, over all their bytes at once."""
+        n, total = len(starts), int(lengths.sum())
+        first = np.cumsum(lengths) - lengths
+        row = np.repeat(np.arange(n, dtype=np.int64), lengths)
+        pos = np.arange(total, dtype=np.int64) - first[row]
+        word = self.table[pos % _POSITIONS, buf[starts[row] + pos]]
+        turn = np.where(pos >= _POSITIONS, (pos // _POSITIONS) % 63 + 1, 0).astype(np.uint64)
+        late = turn > 0
+        w, t = word[late], turn[late]
+        word[late] = (w << t) | (w >> (np.uint64(64) - t))
+        return np.bitwise_xor.reduceat(word, first)
+
+
+def _turn(j: int) -> int:
+    """How far the word of byte position ``j`` is rotated (bytes beyond the table's 64
+    positions are rotated, so that equal bytes 64 positions apart do not cancel)."""
+    return (j // _POSITIONS) % 63 + 1 if j >= _POSITIONS else 0
+
+
+def _rotated(words: np.ndarray, t: int) -> np.ndarray:
+    if not t:
+        return words
+    return (words << np.uint64(t)) | (words >> np.uint64(64 - t))
 
 
 def _mix(h: np.ndarray) -> np.ndarray:

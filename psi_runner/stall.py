@@ -21,10 +21,11 @@ from .progress import SpuProgress
 class StallMeter:
     """This side's progress, sampled by the watchdog; and the peer's, from its heartbeats."""
 
-    def __init__(self, log_path: Path, broker: str, session: str) -> None:
+    def __init__(self, log_path: Path, broker: str, session: str | list[str]) -> None:
         self.log_path = log_path
         self.client = BrokerClient(broker)
-        self.session = session
+        # a sharded run's PSI moves on the shards' sessions: their traffic together
+        self.sessions = [session] if isinstance(session, str) else list(session)
         self.spu = SpuProgress()
         now = time.monotonic()
         self.own_active = now
@@ -81,7 +82,7 @@ class StallMeter:
 
     def _session_traffic(self) -> int:
         try:
-            return self.client.session_traffic(self.session)
+            return sum(self.client.session_traffic(s) for s in self.sessions)
         except (OSError, ValueError):
             return self._traffic
 
