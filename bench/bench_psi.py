@@ -78,18 +78,22 @@ class Dataset:
 
 
 def _write_ids(path: Path, ids: np.ndarray, xs: np.ndarray) -> None:
+    """``uid,x`` with bare ids, written by Arrow's vectorised CSV writer (100M rows in
+    seconds, not minutes); the same bytes as formatting each line in Python."""
     tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", encoding="ascii", newline="\n") as fh:
-        fh.write(f"{KEY},x\n")
-        step = 100_000
+    step = 10_000_000
+    with open(tmp, "wb") as fh:
+        fh.write(f"{KEY},x\n".encode())
         for i in range(0, len(ids), step):
-            fh.write(
-                "".join(
-                    f"id{v:09d},{x}\n"
-                    for v, x in zip(ids[i : i + step].tolist(), xs[i : i + step].tolist())
-                )
-            )
+            table = pa.table({KEY: id_texts(ids[i : i + step]), "x": pa.array(xs[i : i + step])})
+            pcsv.write_csv(table, fh, pcsv.WriteOptions(include_header=False, quoting_style="none"))
     tmp.replace(path)
+
+
+def id_texts(ids: np.ndarray) -> pa.Array:
+    """``id000123456`` for each id, vectorised."""
+    digits = pc.utf8_lpad(pc.cast(pa.array(ids, pa.int64()), pa.string()), width=9, padding="0")
+    return pc.binary_join_element_wise("id", digits, "")
 
 
 def key_texts(ids: list[int], keys: str) -> list[str]:
@@ -128,7 +132,10 @@ def make_dataset(folder: Path, rows: int, seed: int, keys: str = "plain") -> Dat
     rng = np.random.default_rng(seed)
     pool = rng.choice(10**9, size=2 * rows - overlap, replace=False)
     shared = pool[rows - overlap : rows]
-    expected = pa.array(key_texts(shared.tolist(), keys), type=pa.string())
+    if keys == "awkward":
+        expected = pa.array(key_texts(shared.tolist(), keys), type=pa.string())
+    else:
+        expected = id_texts(shared)
     expected = pc.take(expected, pc.sort_indices(expected))
     reuse = (
         meta_path.exists()

@@ -38,6 +38,7 @@ from . import (
     joblock,
     normalize,
     notice,
+    prewarm,
     report,
     resources,
     shard_runs,
@@ -113,6 +114,7 @@ class JobRun:
         log.info("%s: psi-run %s, spec %s", self.tag, __version__, self.spec.path)
         for warning in self.spec.link.warnings():
             log.warning("%s: %s", self.tag, warning)
+        warm = None if self.check_only or self.spec.backend != "embedded" else prewarm.start()
         try:
             with self._stage("preflight"):
                 inp = preflight(self.spec, self.party, take_lock=self._take_lock)
@@ -134,6 +136,7 @@ class JobRun:
                 )
             with self._stage("prepare"):
                 call = self._prepare(inp, agreed)
+            prewarm.wait(warm)
             with self._stage("psi", timed=False):
                 result = self._psi(call, agreed)
             self.seconds.update(result.seconds)
@@ -318,7 +321,7 @@ class JobRun:
             return PsiCall(inp.path, out, self.spec.keys,
                            scratch=folder, recovery_folder=recovery)  # fmt: skip
         data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv")
-        data.release_memory()  # the canonical keys, before SPU starts
+        inp.spill(self.work)  # the keys wait on disk while SPU runs; Arrow gives memory back
         return PsiCall(folder / "spu_input.csv", out, (data.KEY_COLUMN,),
                        scratch=folder, recovery_folder=recovery)  # fmt: skip
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from psi_runner import distinct
 from psi_runner.csv_io import CsvSource
-from psi_runner.data import inspect_input, result_table
+from psi_runner.data import canonical_keys, inspect_input, result_table
 from psi_runner.errors import OutputError
 from psi_runner.textfacts import BOM, TextFacts
 
@@ -113,3 +113,34 @@ def test_an_input_changed_during_the_job_is_not_used_for_the_result(tmp_path) ->
     assert isinstance(inp.source, CsvSource)
     with pytest.raises(OutputError, match="changed while the job ran"):
         result_table(inp, np.array([0, 1]))
+
+
+def test_spilled_keys_read_back_the_same_from_the_work_folder(tmp_path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text('uid,v\n"a,1",1\nb,2\n"c""",3\n')
+    inp = inspect_input(path, ("uid",))
+    before = inp.key_table(("uid",))
+    work = tmp_path / "work"
+    work.mkdir()
+    inp.spill(work)
+    assert (work / "keys.arrow").exists()
+    assert inp.key_table(("uid",)).equals(before)
+    assert result_table(inp, np.array([2, 0]))["v"].to_pylist() == ["3", "1"]
+
+
+def canonical(value: str) -> str:
+    """The canonical key of one value, by its definition (README, data.py)."""
+    raw = value.encode()
+    plain = raw and all(0x20 <= b < 0x7F and b not in b'",~' for b in raw)
+    return value if plain else "~" + raw.hex()
+
+
+def test_canonical_keys_match_their_definition_value_by_value() -> None:
+    rng = random.Random(11)
+    pieces = ["a", "1", " ", ",", '"', "~", "é", "\n", "\x7f", "}", "张"]
+    for round_ in range(500):
+        values = ["".join(rng.choices(pieces, k=rng.randrange(0, 6))) for _ in range(30)]
+        arr = pa.array(values, pa.string()).slice(round_ % 3)  # offset slices too
+        table = pa.table({"k": pa.chunked_array([arr.slice(0, 5), arr.slice(5)])})
+        got = canonical_keys(table, ("k",)).to_pylist()
+        assert got == [canonical(v) for v in values[round_ % 3 :]]
