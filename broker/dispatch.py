@@ -1,4 +1,5 @@
-"""The broker's core: store a message for a local party, or send it on by the route table.
+"""The broker's core: store a message for a local party, or keep it in the outbox, which
+sends it on by the route table (:mod:`broker.outbox`).
 
 Both front ends (HTTP and gRPC) call into one Dispatcher, so routing, limits, refusals and the
 flow log behave the same whichever protocol a message arrived on.
@@ -13,16 +14,18 @@ import os
 import time
 from collections import Counter, OrderedDict
 
-from . import codes
+from . import batch, codes, edge
 from .config import BrokerConfig
 from .envelope import SESSION, Envelope, EnvelopeError
 from .flowlog import flow
 from .forward import Forwarder
+from .outbox import Outbox, Outgoing
 from .queues import Message, QueueKey, QueueStore
 from .routes import DEFAULT_PARTY, RouteTableFile
 from .store import MessageStore
 
 SESSIONS_COUNTED = 10_000  # sessions whose traffic /v1/interconn/chan/traffic can tell
+FAILURES_KEPT = 10_000  # queues whose last undeliverable message the next push is told of
 # yacl's link sends keep-alives of 11 to 70 bytes every 5 s on an idle session: that is not
 # progress, so session traffic counts only larger messages.
 KEEPALIVE_MAX_BYTES = 256
@@ -54,6 +57,15 @@ class Dispatcher:
             max_message=cfg.grpc_client_max_message_size,
             window=cfg.grpc_client_flow_control_window,
         )
+        self.outbox = Outbox(
+            self.queues,
+            self.forwarder,
+            routes,
+            retry_timeout_s=cfg.forward_retry_timeout_ms / 1000,
+            settled=self._forwarded,
+        )
+        # Peer queues whose message the outbox gave up: (code, reason) for the next push.
+        self.failures: OrderedDict[QueueKey, tuple[str, str]] = OrderedDict()
         self.counters: Counter[str] = Counter()
         # Payload bytes carried per session (both ways), for a runner's stall detection;
         # bounded: the oldest session is forgotten first.
@@ -70,16 +82,29 @@ class Dispatcher:
         if self.store is None:
             return
         self.store.open()
-        count = 0
+        count = outgoing = 0
+        table = self.routes.table
         for stored in self.store.recover():
             key = QueueKey(stored.session, stored.node, stored.topic)
-            self.queues.restore(key, Message(stored.payload, stored.metadata, stored.id))
-            count += 1
+            message = Message(stored.payload, stored.metadata, stored.id)
+            if table.is_self(stored.node):
+                self.queues.restore(key, message)
+                count += 1
+                continue
+            try:
+                env = Envelope.parse(stored.metadata.items())
+            except edge.Refusal as exc:  # written by this broker, so not expected
+                log.error("store: message %d has unusable headers (%s); dropped", stored.id, exc)
+                self.store.delete(stored.id)
+                continue
+            self.outbox.restore(key, Outgoing(message, env, "-"))
+            outgoing += 1
         log.info(
-            "durable queues in %s: %d message(s), %d bytes recovered",
+            "durable queues in %s: %d message(s), %d bytes recovered; %d to send on",
             self.store.folder,
             count,
             self.store.bytes_on_disk,
+            outgoing,
         )
 
     def close_store(self) -> None:
@@ -147,11 +172,71 @@ class Dispatcher:
             # REFUSED, not MSG_REDIRECT: a flood of pushes to unknown parties stays bounded.
             outcome.record("REFUSED", codes.ROUTE_NOT_FOUND, reason, peer_addr)
             return codes.ROUTE_NOT_FOUND, reason
-        code, message, used = await self.forwarder.send(hops, env.next_hop(), payload)
-        target = used.target if used else hops[0].target
-        text = message or codes.DESCRIPTIONS.get(code, "")
-        outcome.record("MSG_REDIRECT", code, text, target, outgoing=True)
-        return code, message
+        key = QueueKey(env.session, env.target_node, env.topic)
+        problem = self.forwarder.check(hops)
+        failure = self.failures.pop(key, None)
+        if problem or failure:
+            code, reason = (codes.INTERNAL, problem) if problem else failure  # type: ignore[misc]
+            if failure:
+                reason = f"an earlier message of this queue was not delivered: {reason}"
+            outcome.record("REFUSED", code, reason, peer_addr)
+            return code, reason
+        hop_env = env.next_hop()
+        code = await self.outbox.put(
+            key, Outgoing(Message(payload, hop_env.headers()), hop_env, protocol)
+        )
+        if code != codes.OK:
+            outcome.record("MSG_REDIRECT", code, codes.DESCRIPTIONS.get(code, ""), peer_addr)
+            return code, codes.DESCRIPTIONS.get(code, "")
+        if outcome.size > KEEPALIVE_MAX_BYTES:  # the session moves now, not once sent on
+            self.count_session(env.session, outcome.size)
+        return codes.OK, ""
+
+    def _forwarded(self, key: QueueKey, item: Outgoing, code: str, text: str, target: str) -> None:
+        """The outbox is done with a message: its flow-log line, and a failure made known."""
+        env = item.env
+        outcome = _Outcome(self, env, item.protocol, len(item.message.payload), item.started)
+        text = text or codes.DESCRIPTIONS.get(code, "")
+        outcome.record("MSG_REDIRECT", code, text, target, outgoing=True, counted=True)
+        if code == codes.OK:
+            return
+        log.error(
+            "message for %s (session %s, topic %s, %d bytes) not delivered, given up: %s %s; "
+            "the next push on this queue is answered with this code",
+            env.target_node,
+            env.session,
+            env.topic,
+            len(item.message.payload),
+            code,
+            text,
+        )
+        self.failures.pop(key, None)
+        self.failures[key] = (code, text)
+        if len(self.failures) > FAILURES_KEPT:
+            self.failures.popitem(last=False)
+
+    async def deliver_batch(self, body: bytes, *, protocol: str, peer_addr: str) -> bytes:
+        """Deliver a batch from another broker (see broker.batch), in order, up to the first
+        message not answered OK; return the encoded answers. Raise edge.Refusal when the
+        body is not a batch."""
+        try:
+            inbounds = batch.decode_request(body)
+        except ValueError as exc:
+            raise edge.Refusal(f"malformed batch: {exc}") from None
+        answers = []
+        for inbound in inbounds:
+            try:
+                env = Envelope.parse(inbound.metadata.items())
+                code, message = await self.deliver(
+                    env, inbound.payload, protocol=protocol, peer_addr=peer_addr, from_network=True
+                )
+            except edge.Refusal as exc:
+                self.counters[f"errors|{exc.code}"] += 1
+                code, message = exc.code, exc.reason
+            answers.append((code, message))
+            if code != codes.OK:
+                break
+        return batch.encode_answer(answers)
 
     def _refusal(self, env: Envelope, size: int, from_network: bool) -> tuple[str | None, str]:
         if size > self.cfg.message_max_size:
@@ -223,6 +308,9 @@ class Dispatcher:
             raise EnvelopeError(f"header {SESSION} is missing")
         session, topic = env.session, env.topic or None
         count = self.queues.release(session, topic=topic)
+        for key in [k for k in self.failures if k.session == session]:
+            if topic is None or key.topic == topic:
+                del self.failures[key]
         if topic is None:
             self.session_bytes.pop(session, None)
         flow(
@@ -269,16 +357,30 @@ class Dispatcher:
 class _Outcome:
     """The flow-log line and the metrics of one pushed message, written once it is settled."""
 
-    def __init__(self, dispatcher: Dispatcher, env: Envelope, protocol: str, size: int) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        env: Envelope,
+        protocol: str,
+        size: int,
+        started: float | None = None,
+    ) -> None:
         self.dispatcher = dispatcher
         self.env = env
         self.protocol = protocol
         self.size = size
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
 
     def record(
-        self, action: str, code: str, msg: str, address: str = "", outgoing: bool = False
+        self,
+        action: str,
+        code: str,
+        msg: str,
+        address: str = "",
+        outgoing: bool = False,
+        counted: bool = False,
     ) -> None:
+        """Its flow-log line and counters; ``counted``: its session's traffic counted already."""
         env = self.env
         flow(
             self.protocol,
@@ -295,5 +397,5 @@ class _Outcome:
         # Incoming traffic is counted by its source, outgoing by its destination.
         party = env.target_node if outgoing else env.source_node
         self.dispatcher._count(code, party, "out" if outgoing else "in", self.size)
-        if code == codes.OK and self.size > KEEPALIVE_MAX_BYTES:
+        if code == codes.OK and self.size > KEEPALIVE_MAX_BYTES and not counted:
             self.dispatcher.count_session(env.session, self.size)

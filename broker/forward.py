@@ -1,8 +1,9 @@
-"""Sending messages on to the next broker: OSX gRPC ``invoke`` or HTTP ``.../invoke``.
+"""Sending messages on to the next broker: OSX gRPC ``invoke`` or HTTP ``.../invoke``, or
+several in one call (:mod:`broker.batch`) when the next hop is a psi-broker that takes them.
 
 Clients are made once per route and kept (connections are reused). A next hop that cannot be
 reached is retried, trying every route listed for the party, until ``forward.retry.timeout``
-has passed; only then is the sender told that the peer is unreachable.
+has passed; only then is the caller (the outbox) told that the peer is unreachable.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import replace
 import aiohttp
 import grpc
 
-from . import codes, wire
+from . import batch, codes, wire
 from .envelope import Envelope
 from .proto import http_ptp_pb2, ptp_pb2
 from .refusals import short
@@ -73,6 +74,16 @@ def _read(path: str | None) -> bytes | None:
         return fh.read()
 
 
+def _batch_answer(body: bytes, sent: int) -> list[tuple[str, str]]:
+    try:
+        answers = batch.decode_answer(body)
+    except ValueError as exc:
+        return [(codes.INTERNAL, f"unreadable batch answer ({exc})")]
+    if not answers or len(answers) > sent:
+        return [(codes.INTERNAL, f"batch answer with {len(answers)} answers to {sent} messages")]
+    return answers
+
+
 class _GrpcHop:
     def __init__(self, route: Route, max_message: int, window: int) -> None:
         options = [
@@ -98,6 +109,27 @@ class _GrpcHop:
         self.invoke = self.channel.unary_unary(
             _INVOKE, request_serializer=None, response_deserializer=ptp_pb2.Outbound.FromString
         )
+        self.invoke_batch = self.channel.unary_unary(
+            batch.GRPC_METHOD, request_serializer=None, response_deserializer=None
+        )
+        self.batches = True  # until the peer says it does not know the method
+
+    async def send_batch(self, items: list[tuple[Envelope, bytes]], timeout: float):
+        """Answers to ``items`` sent in one call (see broker.batch); None when the peer
+        does not take batches (then it is asked no more)."""
+        body = batch.encode_request([(env.headers(), payload) for env, payload in items])
+        try:
+            reply = await self.invoke_batch(body, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                self.batches = False
+                return None
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise _Unreachable(exc.details() or exc.code().name) from None
+            return [(codes.INTERNAL, f"gRPC {exc.code().name}: {exc.details()}")]
+        except grpc.aio.UsageError as exc:
+            raise _Stale(str(exc)) from None
+        return _batch_answer(reply, len(items))
 
     async def send(self, env: Envelope, payload: bytes, timeout: float) -> tuple[str, str]:
         headers = env.headers()
@@ -130,28 +162,53 @@ class _HttpHop:
                 ssl_ctx.load_cert_chain(route.cert_chain_file, route.private_key_file)
         self._ssl = ssl_ctx
         self._session: aiohttp.ClientSession | None = None
+        # Batches go to .../invoke-batch beside a route's .../invoke.
+        self.batches = self.url.rstrip("/").endswith("/invoke")
+        self.batch_url = self.url.rstrip("/") + batch.HTTP_SUFFIX
 
-    async def send(self, env: Envelope, payload: bytes, timeout: float) -> tuple[str, str]:
+    async def _post(
+        self, url: str, body: bytes, headers: dict[str, str], timeout: float
+    ) -> tuple[int, bytes]:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
                 skip_auto_headers=("User-Agent",),
             )
+        async with self._session.post(
+            url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            return resp.status, await resp.read()
+
+    async def send_batch(self, items: list[tuple[Envelope, bytes]], timeout: float):
+        """Answers to ``items`` sent in one call (see broker.batch); None when the peer
+        does not take batches (then it is asked no more)."""
+        body = batch.encode_request([(env.headers(), payload) for env, payload in items])
         try:
-            async with self._session.post(
-                self.url,
-                data=payload,
-                headers=env.headers(),
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as resp:
-                body = await resp.read()
-                status = resp.status
+            status, answer = await self._post(self.batch_url, body, {}, timeout)
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            raise _Unreachable(str(exc) or type(exc).__name__) from None
+        except aiohttp.ClientResponseError as exc:  # it answered, but not in HTTP
+            return [(codes.INTERNAL, f"{self.url} did not answer in HTTP ({short(exc.message)})")]
+        except RuntimeError as exc:
+            if self._session is not None and self._session.closed:
+                raise _Stale(str(exc)) from None
+            raise
+        if status in (404, 405):
+            self.batches = False
+            return None
+        if status != 200:
+            return [(codes.INTERNAL, f"HTTP {status} from {self.batch_url}")]
+        return _batch_answer(answer, len(items))
+
+    async def send(self, env: Envelope, payload: bytes, timeout: float) -> tuple[str, str]:
+        try:
+            status, body = await self._post(self.url, payload, env.headers(), timeout)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise _Unreachable(str(exc) or type(exc).__name__) from None
         except aiohttp.ClientResponseError as exc:  # it answered, but not in HTTP
             return codes.INTERNAL, f"{self.url} did not answer in HTTP ({short(exc.message)})"
         except RuntimeError as exc:
-            if self._session.closed:  # closed under us (stop, route edit)
+            if self._session is not None and self._session.closed:  # closed under us
                 raise _Stale(str(exc)) from None
             raise
         if status != 200:
@@ -196,20 +253,47 @@ class Forwarder:
             self._hops[route] = hop
         return hop
 
+    def check(self, routes: tuple[Route, ...]) -> str:
+        """Why a message for ``routes`` cannot be sent at all (a route's TLS files are
+        unusable), or "" when it can: said to the sender at once, before anything is queued."""
+        for route in routes:
+            try:
+                self._hop(route)
+            except (OSError, _BadRoute) as exc:
+                return f"{route.target}: {exc}"
+        return ""
+
     async def send(
         self, routes: tuple[Route, ...], env: Envelope, payload: bytes
     ) -> tuple[str, str, Route | None]:
         """Send to the first route that answers; return (code, message, route used)."""
+        answers, route = await self.send_batch(routes, [(env, payload)])
+        return answers[0][0], answers[0][1], route
+
+    async def send_batch(
+        self, routes: tuple[Route, ...], items: list[tuple[Envelope, bytes]]
+    ) -> tuple[list[tuple[str, str]], Route | None]:
+        """Send ``items`` (one next hop's, in order) to the first route that answers, in one
+        call when the peer takes batches; return the answers to the first items (at least
+        one; the rest were not taken and are to be sent again) and the route used. Every item
+        shares one envelope's target."""
+        env = items[0][0]
         deadline = time.monotonic() + self.retry_timeout_s
         delay = 0.1
         last_error = ""
         while True:
             for route in routes:
-                hop_env = replace(env, token=route.token) if route.token else env
                 try:
                     hop = self._hop(route)
-                    code, message = await hop.send(hop_env, payload, self.call_timeout_s)
-                    return code, message, route
+                    sent = items
+                    if route.token:
+                        sent = [(replace(e, token=route.token), p) for e, p in items]
+                    answers = None
+                    if len(sent) > 1 and hop.batches:
+                        answers = await hop.send_batch(sent, self.call_timeout_s)
+                    if answers is None:
+                        answers = [await hop.send(*sent[0], self.call_timeout_s)]
+                    return answers, route
                 except _Unreachable as exc:
                     last_error = f"{route.target}: {exc}"
                 except _Stale as exc:
@@ -217,21 +301,20 @@ class Forwarder:
                         del self._hops[route]
                     last_error = f"{route.target}: {exc}"
                 except (OSError, _BadRoute) as exc:  # e.g. a TLS file that went missing
-                    return codes.INTERNAL, f"{route.target}: {exc}", route
+                    return [(codes.INTERNAL, f"{route.target}: {exc}")], route
                 except Exception as exc:  # noqa: BLE001 - the sender gets a code, not our crash
                     # A call that could not even start (its client refused the message).
                     log.warning("sending to %s failed: %s", route.target, short(repr(exc)))
-                    return (
-                        codes.INTERNAL,
-                        f"{route.target}: could not send ({short(str(exc))})",
-                        route,
-                    )
+                    return [
+                        (codes.INTERNAL, f"{route.target}: could not send ({short(str(exc))})")
+                    ], route
             if time.monotonic() + delay > deadline:
-                return (
-                    codes.PEER_UNREACHABLE,
-                    f"no answer from the broker of {env.target_node} ({last_error})",
-                    None,
-                )
+                return [
+                    (
+                        codes.PEER_UNREACHABLE,
+                        f"no answer from the broker of {env.target_node} ({last_error})",
+                    )
+                ], None
             log.warning("next hop for %s unreachable, retrying: %s", env.target_node, last_error)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from . import codes, edge, wire
+from . import batch, codes, edge, wire
 from .dispatch import Dispatcher
 from .envelope import TOPIC, Envelope
 from .proto import ptp_pb2
@@ -128,6 +128,16 @@ class _Protocol:
     async def invoke(self, request, context):
         return await self._one(request, _envelope(context, request.metadata), context.peer())
 
+    async def invoke_batch(self, request: bytes, context) -> bytes:
+        """Several messages from another broker in one call (see broker.batch)."""
+        try:
+            return await self.d.deliver_batch(
+                request, protocol=self.protocol, peer_addr=context.peer()
+            )
+        except edge.Refusal as exc:
+            self.edge.refusals.refused(self.protocol, "invokeBatch", context.peer(), exc)
+            return batch.encode_answer([(exc.code, exc.reason)])
+
     async def transport(self, request_iterator, context) -> AsyncIterator[ptp_pb2.Outbound]:
         """One answer per message; a refused message does not end the stream."""
         async for request in request_iterator:
@@ -207,10 +217,16 @@ def add_services(
         "peek": unary(trans.peek, ptp_pb2.PeekInbound, tout),
         "release": unary(trans.release, ptp_pb2.ReleaseInbound, tout),
     }
+    relay_methods = {
+        "invokeBatch": grpc.unary_unary_rpc_method_handler(
+            proto.invoke_batch, request_deserializer=None, response_serializer=None
+        )
+    }
     server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(_PROTOCOL, protocol_methods),
             grpc.method_handlers_generic_handler(_TRANSPORT, transport_methods),
+            grpc.method_handlers_generic_handler(batch.GRPC_SERVICE, relay_methods),
         )
     )
 

@@ -24,7 +24,7 @@ import time
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from . import codes, edge, wire
+from . import batch, codes, edge, wire
 from .dispatch import Dispatcher
 from .envelope import Envelope
 from .metrics import render_metrics
@@ -79,6 +79,7 @@ class HttpApi:
         app.router.add_post(base + "peek", self.peek)
         app.router.add_post(base + "release", self.release)
         app.router.add_post(base + "invoke", self.invoke)
+        app.router.add_post(base + "invoke" + batch.HTTP_SUFFIX, self.invoke_batch)
         app.router.add_get(base + "traffic", self.traffic)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
@@ -105,11 +106,11 @@ class HttpApi:
             log.exception("%s %s failed", self.protocol, request.path)
             return _answer(codes.INTERNAL, codes.DESCRIPTIONS[codes.INTERNAL])
 
-    async def _body(self, request: web.Request) -> bytes:
+    async def _body(self, request: web.Request, limit: int = 0) -> bytes:
         """The body, joined once from the chunks as they come (``request.read()`` copies them
-        into a bytearray and that into bytes), refused past ``client_max_size`` as
-        aiohttp would refuse it."""
-        content, limit = request.content, request.client_max_size
+        into a bytearray and that into bytes), refused past ``limit`` (``client_max_size``
+        unless given) as aiohttp would refuse it."""
+        content, limit = request.content, limit or request.client_max_size
         if hasattr(content, "set_read_chunk_size"):  # aiohttp >= 3.14: buffer whole bodies
             content.set_read_chunk_size(limit)
         chunks, size = [], 0
@@ -142,6 +143,14 @@ class HttpApi:
 
     async def invoke(self, request: web.Request) -> web.Response:
         return await self._deliver(request, from_network=True)
+
+    async def invoke_batch(self, request: web.Request) -> web.Response:
+        """Several messages from another broker in one request (see broker.batch)."""
+        limit = request.client_max_size + batch.MAX_BYTES + (1 << 20)
+        body = await self.d.deliver_batch(
+            await self._body(request, limit), protocol=self.protocol, peer_addr=_peer(request)
+        )
+        return web.Response(body=body, content_type=_CONTENT_TYPE)
 
     async def pop(self, request: web.Request) -> web.StreamResponse:
         key = self.d.queue_key(_envelope(request))

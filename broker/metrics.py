@@ -23,7 +23,19 @@ def render_metrics(d: Dispatcher) -> str:
         "# HELP psi_broker_queue_bytes Payload bytes held in queues.",
         "# TYPE psi_broker_queue_bytes gauge",
         f"psi_broker_queue_bytes {d.queues.total_bytes}",
+        "# HELP psi_broker_outbox_depth Messages accepted for other brokers, not yet sent on.",
+        "# TYPE psi_broker_outbox_depth gauge",
+        f"psi_broker_outbox_depth {d.outbox.depth()}",
     ]
+    if d.store is not None:
+        lines += [
+            "# HELP psi_broker_store_messages Messages in the durable store, not yet confirmed.",
+            "# TYPE psi_broker_store_messages gauge",
+            f"psi_broker_store_messages {len(d.store)}",
+            "# HELP psi_broker_store_bytes Bytes of the durable store's segments in use.",
+            "# TYPE psi_broker_store_bytes gauge",
+            f"psi_broker_store_bytes {d.store.bytes_on_disk}",
+        ]
     families: dict[str, list[str]] = {}
     for key, value in sorted(d.counters.items()):
         name, _, label = key.partition("|")

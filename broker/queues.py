@@ -116,27 +116,48 @@ class QueueStore:
             return False
         return True
 
-    def push(self, key: QueueKey, message: Message) -> tuple[str, int]:
-        """Store a message; return (code, messages now in the queue)."""
+    def admit(self, key: QueueKey, message: Message) -> str:
+        """Count ``message`` against the limits and write it to the durable store (if any);
+        return OK, or the code to answer its sender (nothing is kept then). Used for this
+        broker's queues and for its outbox (messages for other brokers) alike."""
         size = len(message.payload)
         if size > min(self.max_total_bytes, self.max_session_bytes):
-            return codes.TOO_LARGE, 0  # could never fit: retrying is pointless
+            return codes.TOO_LARGE  # could never fit: retrying is pointless
         session_bytes = self._session_bytes.get(key.session, 0)
         if size > 0 and (
             self.total_bytes + size > self.max_total_bytes
             or session_bytes + size > self.max_session_bytes
         ):
-            q = self._queues.get(key)
-            return codes.QUEUE_FULL, len(q.messages) if q else 0
+            return codes.QUEUE_FULL
         if not self._persist(key, message):
-            return codes.QUEUE_FULL, 0
-        q = self._get(key)
+            return codes.QUEUE_FULL
         self._account(key, size)
+        return codes.OK
+
+    def discharge(self, key: QueueKey, message: Message) -> None:
+        """Forget an admitted message that is not queued here (sent on, or given up)."""
+        self._account(key, -len(message.payload))
+        if self.store is not None and message.id:
+            self.store.delete(message.id)
+
+    def recount(self, key: QueueKey, message: Message) -> None:
+        """Count a message read back from the durable store at start (no limits apply: it
+        was accepted before the restart)."""
+        self._account(key, len(message.payload))
+        self._next_id = max(self._next_id, message.id + 1)
+
+    def push(self, key: QueueKey, message: Message) -> tuple[str, int]:
+        """Store a message; return (code, messages now in the queue)."""
+        code = self.admit(key, message)
+        if code != codes.OK:
+            q = self._queues.get(key)
+            return code, len(q.messages) if q and code == codes.QUEUE_FULL else 0
+        q = self._get(key)
         q.pushed += 1
         if self._hand_to_waiter(key, q, message):
             return codes.OK, 0
         q.messages.append(message)
-        q.size += size
+        q.size += len(message.payload)
         return codes.OK, len(q.messages)
 
     def _hand_to_waiter(self, key: QueueKey, q: _Queue, message: Message) -> bool:
@@ -227,8 +248,7 @@ class QueueStore:
         q = self._get(key)
         q.messages.append(message)
         q.size += len(message.payload)
-        self._account(key, len(message.payload))
-        self._next_id = max(self._next_id, message.id + 1)
+        self.recount(key, message)
 
     def peek(self, key: QueueKey) -> Message | None:
         """The oldest message without consuming it."""

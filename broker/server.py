@@ -165,6 +165,8 @@ class Broker:
             self.dispatcher.queues.close()  # long-polling pops answer "no message" now
             # A runner waits up to its shutdown_timeout (GRACE_S) for handlers, then cancels them.
             draining += [asyncio.ensure_future(runner.cleanup()) for runner in self._runners]
+            # Messages accepted for other brokers get the same grace to be sent on.
+            draining.append(asyncio.ensure_future(self.dispatcher.outbox.close(GRACE_S)))
             await self._drain(draining)
             await self.dispatcher.forwarder.close()
         finally:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import _hdr, _http
+from conftest import _hdr, _http, wait_for
 
 from broker import codes
 from broker.proto import ptp_pb2, ptp_pb2_grpc
@@ -25,6 +25,8 @@ def test_http_push_at_alice_is_popped_at_bob(brokers):
     payload = bytes(range(256)) * 4096  # 1 MiB, every byte value
     r = _http(alice, "push", _hdr("s1", "alice-bob", "alice", "bob"), payload)
     assert r.code == codes.OK, r.message
+    # alice's broker answered once the message was kept in its outbox; it reaches bob's soon.
+    assert wait_for(lambda: _http(bob, "peek", _hdr("s1", "alice-bob", "bob")).payload)
     peeked = _http(bob, "peek", _hdr("s1", "alice-bob", "bob"))
     assert peeked.code == codes.OK and peeked.payload == payload
     got = _http(bob, "pop", _hdr("s1", "alice-bob", "bob"), query="?timeout=2")
@@ -287,7 +289,7 @@ def test_traffic_of_a_session_counts_its_payload_bytes_until_released(brokers):
     out = _http(alice, "push", _hdr("tr-1", "t", "alice", "bob"), b"x" * 1000)
     assert out.code == codes.OK
     assert client.session_traffic("tr-1") == 1000
-    assert BrokerClient(bob.http).session_traffic("tr-1") == 1000
+    assert wait_for(lambda: BrokerClient(bob.http).session_traffic("tr-1") == 1000)
     assert client.session_traffic("tr-other") == 0
     _http(alice, "release", {"x-ptp-session-id": "tr-1"})
     assert client.session_traffic("tr-1") == 0

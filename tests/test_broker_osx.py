@@ -103,22 +103,35 @@ def test_relay_through_a_hub_carries_a_real_psi(tmp_path):
 def test_token_is_required_when_configured(tmp_path):
     alice, bob = start_pair(tmp_path / "b", properties={"auth.token": "s3cret"})
     try:
-        # Routes without the token: the peer refuses, stores nothing, logs it.
-        r = _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"x")
-        assert r.code == codes.UNAUTHORIZED and "token" in r.message
+        # Routes without the token: the peer refuses, stores nothing, logs it. alice's broker
+        # has answered OK already (the message was in its outbox): it gives the message up,
+        # logs an ERROR, and answers the next push on that queue with the peer's code.
+        assert _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"x").code == codes.OK
+        assert wait_for(lambda: "not delivered, given up" in _log(alice))
+        r = _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"x2")
+        assert r.code == codes.UNAUTHORIZED and "token" in r.message, r.message
+        assert "not delivered, given up: E0000000403" in _log(alice, "broker-error.log")
+        assert f"|MSG_REDIRECT|session:k1|topic:t|des:bob|code:{codes.UNAUTHORIZED}" in (
+            alice.flow_log()
+        )
         assert (
             _http(bob, "pop", _hdr("k1", "t", "bob"), query="?timeout=0").code == codes.POP_TIMEOUT
         )
         assert "|REFUSED|" in bob.flow_log()
+        reloads = _log(alice).count("route table reloaded")
         alice.write_routes({"bob": {"default": [{**route_to(bob)[0], "token": "s3cret"}]}})
-        assert wait_for(
-            lambda: _http(alice, "push", _hdr("k1", "t", "alice", "bob"), b"y").code == codes.OK
-        )
-        got = _http(bob, "pop", _hdr("k1", "t", "bob"), query="?timeout=2")
+        assert wait_for(lambda: _log(alice).count("route table reloaded") > reloads)
+        assert _http(alice, "push", _hdr("k2", "t", "alice", "bob"), b"y").code == codes.OK
+        got = _http(bob, "pop", _hdr("k2", "t", "bob"), query="?timeout=2")
         assert got.code == codes.OK and got.payload == b"y"
     finally:
         alice.stop()
         bob.stop()
+
+
+def _log(broker, name: str = "broker.log") -> str:
+    path = broker.conf_dir / "logs" / name
+    return path.read_text(encoding="utf-8") if path.exists() else ""
 
 
 def test_idle_queues_expire(tmp_path):
