@@ -29,7 +29,7 @@ from conftest import (
     write_csv,
     write_spec,
 )
-from test_join import check_join
+from test_join import check_join, expected_join
 
 from harness.localnet import LocalRayHead, free_port_block, psi_run_command
 from psi_runner.spec import parse_spec
@@ -37,11 +37,12 @@ from psi_runner.spec import parse_spec
 PARTIES = ["alice", "bob"]
 
 
-def _outputs(folder: Path) -> dict[str, bytes]:
-    return {p: (folder / f"out/{p}_psi.csv").read_bytes() for p in PARTIES}
+def _outputs(folder: Path) -> dict[str, bytes | None]:
+    files = {p: folder / f"out/{p}_psi.csv" for p in PARTIES}
+    return {p: f.read_bytes() if f.exists() else None for p, f in files.items()}
 
 
-def _run_with_shards(folder: Path, brokers, k: int, **spec) -> tuple[dict[str, bytes], list]:
+def _run_with_shards(folder: Path, brokers, k: int, **spec) -> tuple[dict[str, bytes | None], list]:
     (folder / "out").mkdir(exist_ok=True)
     for f in (folder / "out").iterdir():
         f.unlink()
@@ -83,6 +84,8 @@ def _tricky_inputs(folder: Path, rng: random.Random) -> None:
         ("tricky", {"join": "full", "left_side": "bob"}),
         ("one column", {"join": "difference"}),
         ("tiny", {"join": "full"}),  # empty shards on both sides
+        # only bob (the left side) receives: all his rows, no NULL rows for alice's
+        ("tricky", {"join": "left", "receiver": "bob", "broadcast_result": False}),
     ],
 )
 def test_shards_give_the_unsharded_result_byte_for_byte(tmp_path, brokers, case, spec):
@@ -94,7 +97,13 @@ def test_shards_give_the_unsharded_result_byte_for_byte(tmp_path, brokers, case,
     else:
         _plain_inputs(tmp_path, random.Random(case), one_column=case == "one column")
     unsharded, _ = _run_with_shards(tmp_path, brokers, 1, **spec)
-    if spec.get("join"):
+    if spec.get("broadcast_result") is False:
+        assert unsharded["alice"] is None
+        ins = {p: read_result(tmp_path / f"data/{p}.csv") for p in PARTIES}
+        want, _ = expected_join(ins["bob"], ins["alice"], "uid", spec["join"], i_am_left=True)
+        got = read_result(tmp_path / "out/bob_psi.csv")
+        assert_same_rows(got, want)
+    elif spec.get("join"):
         check_join(tmp_path, spec["join"], spec.get("left_side", "alice"))
     else:
         for me, other in (("alice", "bob"), ("bob", "alice")):
