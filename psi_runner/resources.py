@@ -4,11 +4,12 @@ A rough model, from measurements on a 2-core, 24 GB machine (RR22; bench/README.
 
 * **disk**, in the run's work folder (where SPU keeps its scratch files): SPU's sorted copy of
   its input, bucket stores and intersection indices, about ``SPU_DISK_PER_ROW`` bytes a row,
-  plus the canonical-key file when the input is not handed to SPU as it is, plus the result
-  (at most the size of the input).
+  plus the canonical-key file and the spilled keys when the input is not handed to SPU as
+  it is, plus the result (at most the size of the input).
 * **memory**, of the party's largest process (with the ``embedded`` backend SPU runs inside
   the job process): SPU's own peak, about ``SPU_MEMORY_BASE`` plus ``SPU_MEMORY_PER_ROW`` a
-  row, plus what psi-run holds of the input while SPU runs (its key columns, measured).
+  row; psi-run holds none of the input while SPU runs (its keys are dropped or spilled to
+  the work folder before SPU starts), only a row number per normalised row kept.
 
 A shortfall is a warning, not a refusal: the figures are estimates, and the other party's
 processes on the same machine are not counted.
@@ -49,9 +50,13 @@ def estimate(inp: InputTable) -> Needs:
     held = inp.table.nbytes + (keys if inp.normalized is not None else 0)
     input_bytes = input_bytes or held  # Parquet or a database: about its text, held in memory
     canonical = 0 if inp.plain else keys + 12 * rows  # key text (an upper bound) and row number
+    # While SPU runs psi-run holds no keys (dropped, or spilled to the work folder: ``held``
+    # more disk), only the input row of each normalised row kept.
+    spilled = 0 if inp.plain else held
+    kept = 8 * rows if inp.normalized is not None and inp.normalized.kept is not None else 0
     return Needs(
-        disk=SPU_DISK_PER_ROW * rows + canonical + input_bytes,
-        memory=SPU_MEMORY_BASE + SPU_MEMORY_PER_ROW * rows + held,
+        disk=SPU_DISK_PER_ROW * rows + canonical + input_bytes + spilled,
+        memory=SPU_MEMORY_BASE + SPU_MEMORY_PER_ROW * rows + kept,
     )
 
 
