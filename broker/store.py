@@ -308,6 +308,7 @@ class MessageStore:
                     live[message.id] = (message, number, size)
                 else:
                     live.pop(offset, None)  # a delete record: ``offset`` holds the id
+        legacy = self._legacy_files()
         for msg_id in sorted(live):
             message, number, size = live[msg_id]
             self._segments[number].live.add(msg_id)
@@ -318,8 +319,39 @@ class MessageStore:
         # New records go to a new segment: the last one may end in a torn record.
         self._new_segment()
         self._tidy()
+        for path, message in legacy:  # written into the log first, then removed
+            if message.id not in self._where:
+                self._put(message)
+                live[message.id] = (message, 0, 0)
+            path.unlink()
+        if legacy:
+            log.info(
+                "store: %d message file(s) of the earlier layout moved into the log", len(legacy)
+            )
+            try:
+                (self.folder / "msgs").rmdir()
+            except OSError:
+                pass
         for msg_id in sorted(live):
             yield live[msg_id][0]
+
+    def _legacy_files(self) -> list[tuple[Path, StoredMessage]]:
+        """Messages a broker before the segment log left as one file each in ``msgs/``."""
+        folder = self.folder / "msgs"
+        if not folder.is_dir():
+            return []
+        out = []
+        for path in sorted(folder.glob("*.msg")):
+            try:
+                out.append((path, _read_legacy(path)))
+            except (OSError, ValueError) as exc:
+                log.error("store: %s is damaged (%s); moved to %s", path, exc, self.damaged)
+                try:
+                    self.damaged.mkdir(exist_ok=True, mode=0o700)
+                    path.replace(self.damaged / path.name)
+                except OSError:
+                    pass
+        return out
 
     def _scan(self, seg: _Segment) -> Iterator[tuple[int, int, int, StoredMessage | None]]:
         """(kind, offset or id, record size, message) of each record of ``seg``; a delete
@@ -387,6 +419,28 @@ def _message(msg_id: int, body: memoryview, header_len: int, pos: int) -> Stored
         {str(k): str(v) for k, v in metadata.items()},
         bytes(body[header_len:]),
     )
+
+
+_LEGACY = struct.Struct("<4sBIQI")  # magic "PSIQ", version 1, header len, payload len, crc32
+
+
+def _read_legacy(path: Path) -> StoredMessage:
+    """One message file of the earlier layout (a file per message); ValueError if damaged."""
+    data = path.read_bytes()
+    if len(data) < _LEGACY.size:
+        raise ValueError(f"cut short at offset {len(data)}")
+    magic, version, header_len, payload_len, crc = _LEGACY.unpack_from(data)
+    end = _LEGACY.size + header_len + payload_len
+    if magic != b"PSIQ" or version != 1 or len(data) != end:
+        raise ValueError("not a message file of the earlier layout, or cut short")
+    body = memoryview(data)[_LEGACY.size :]
+    if zlib.crc32(body) != crc:
+        raise ValueError(f"checksum mismatch at offset {_LEGACY.size}")
+    msg_id = int(path.stem, 16)
+    try:
+        return _message(msg_id, body, header_len, _LEGACY.size)
+    except StoreDamage as exc:
+        raise ValueError(exc.reason) from None
 
 
 def _number_of(name: str) -> int | None:
