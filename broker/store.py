@@ -196,7 +196,9 @@ class MessageStore:
         if seg is not None:
             seg.live.discard(msg_id)
         try:
-            self._append(_DELETE, msg_id, b"", b"")
+            # Not flushed even with fsync: lost in a power loss, it only means the message is
+            # offered again, which does no harm (see broker.queues).
+            self._append(_DELETE, msg_id, b"", b"", sync=False)
         except OSError as exc:  # keep serving; the message is only offered again after a restart
             log.error("store: cannot record the delivery of message %d: %s", msg_id, exc.strerror)
         self._tidy()
@@ -206,7 +208,9 @@ class MessageStore:
             return self._new_segment()
         return self._segments[next(reversed(self._segments))]
 
-    def _append(self, kind: int, msg_id: int, header: bytes, payload: bytes) -> int:
+    def _append(
+        self, kind: int, msg_id: int, header: bytes, payload: bytes, sync: bool = True
+    ) -> int:
         size = _RECORD.size + len(header) + len(payload)
         seg = self._active()
         if seg.end and seg.end + size > SEGMENT_BYTES:
@@ -216,7 +220,7 @@ class MessageStore:
         prefix = prefix[:_CRC_AT] + struct.pack("<I", crc)
         try:
             _write_all(seg.fd, [prefix, header, payload, _END], seg.end)
-            if self.fsync:
+            if self.fsync and sync:
                 os.fdatasync(seg.fd)
         except OSError:
             try:  # what did get written must not read as a record at the next start
