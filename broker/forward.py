@@ -198,6 +198,12 @@ class _HttpHop:
             return None
         if status != 200:
             return [(codes.INTERNAL, f"HTTP {status} from {self.batch_url}")]
+        try:
+            batch.decode_answer(answer)
+        except ValueError:  # a server that answers every path in its own way: not a psi-broker
+            log.warning("%s does not take batches; sending one message per call", self.url)
+            self.batches = False
+            return None
         return _batch_answer(answer, len(items))
 
     async def send(self, env: Envelope, payload: bytes, timeout: float) -> tuple[str, str]:
