@@ -281,3 +281,23 @@ def test_messages_of_the_earlier_one_file_per_message_layout_are_taken_over(tmp_
     store.open()
     assert [m.id for m in store.recover()] == [3, 7]
     store.close()
+
+
+def test_a_message_the_peer_never_takes_is_given_up_and_the_next_push_is_told(tmp_path):
+    alice, bob = start_pair(tmp_path / "b", properties={"forward.retry.timeout": "500"})
+    try:
+        bob.stop()  # away for longer than forward.retry.timeout
+        assert _push(alice, "s9", b"lost") == codes.OK  # kept in the outbox, retried
+        assert wait_for(lambda: "not delivered, given up" in _log(alice))
+        refused = _client(alice).push("s9", "t", "alice", "bob", b"next")
+        assert refused.code == codes.PEER_UNREACHABLE and "not delivered" in refused.message
+        errors = (alice.conf_dir / "logs" / "broker-error.log").read_text(encoding="utf-8")
+        assert "session s9" in errors and codes.PEER_UNREACHABLE in errors
+        assert f"|MSG_REDIRECT|session:s9|topic:t|des:bob|code:{codes.PEER_UNREACHABLE}" in (
+            alice.flow_log()
+        )
+        assert _stored(alice) == 0  # given up: gone from the store as well
+        assert _push(alice, "s9", b"after") == codes.OK  # told once; the queue goes on
+    finally:
+        alice.stop()
+        bob.stop()
