@@ -50,13 +50,22 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "attempt of this job",
     )
     parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="unbalanced PSI (protocol ECDH_OPRF_UB): build the server party's cache from its "
+        "input, alone (no peer, no broker); online jobs then reuse it",
+    )
+    parser.add_argument(
         "--progress",
         choices=MODES,
         default="auto",
         help="progress on stderr: a live line on a terminal, else a line per stage and per "
         "10%% (auto, the default), always those lines (plain), JSON lines (json), or none",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.offline and (args.check or args.fresh):
+        parser.error("--offline builds a cache alone: it takes neither --check nor --fresh")
+    return args
 
 
 class Console:
@@ -165,6 +174,7 @@ def _job_process(args: argparse.Namespace, console: Console, events: Events) -> 
             fatal=console.fatal,
             events=events,
             fresh=args.fresh,
+            offline=args.offline,
         )
         report = run.run()
     except PsiRunError as exc:

@@ -34,6 +34,8 @@ def shared_fields(spec: JobSpec) -> dict[str, object]:
         "retries": spec.retries,
         "shards": spec.shards,
         **key_rules(spec),
+        # Which party is the unbalanced server (its cache folder is its own business).
+        **({"unbalanced": {"server": spec.unbalanced.server}} if spec.unbalanced else {}),
     }
 
 

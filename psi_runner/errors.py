@@ -3,6 +3,7 @@
     PsiRunError                 root; an unexpected failure (exit 1)
     ├── SpecError               the job spec is unreadable or invalid (exit 2)
     ├── PreflightError          local input, output or broker is not usable (exit 3)
+    │   └── CacheError          an unbalanced PSI cache is missing, stale or mismatched (exit 3)
     ├── PeerError               the peer did not appear, failed or runs a different job (exit 4)
     ├── BackendError            SPU/SecretFlow failed during the PSI (exit 5)
     │   ├── Stalled             the PSI made no progress on either side (exit 5)
@@ -132,6 +133,13 @@ class PreflightError(PsiRunError):
         "preflight failed: input, output folder, party name, log folder, the local broker or "
         "the party's Ray head"
     )
+
+
+class CacheError(PreflightError):
+    """An unbalanced PSI cache (either party's) cannot be used; both sides stop before any
+    SPU link, naming the party and the fix."""
+
+    kind = "an unbalanced PSI cache is not usable"
 
 
 class PeerError(PsiRunError):

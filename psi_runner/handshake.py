@@ -63,6 +63,7 @@ class Agreement:
     # How the peer hands its keys to SPU: "quoted" (its file as it is, every key in quotes),
     # "bare" (its file as it is) or "canonical"; "" from a peer that does not say.
     peer_keys_form: str = ""
+    peer_cache: dict | None = None  # what the peer said of its unbalanced cache (unbalanced)
 
 
 class _Channel:
@@ -202,16 +203,20 @@ def handshake(
     checkpoint: dict | None = None,
     extra_fields: dict | None = None,
     keys_form: str = "",
+    cache: dict | None = None,
 ) -> Agreement:
     """Wait for the peer (up to ``timeout_s``) and check that it runs the same job.
 
     ``extra_fields`` are compared like the spec's shared fields but known only after
     preflight (e.g. a salt's fingerprint). ``keys_form`` tells the peer how our keys reach
-    SPU (not compared: each side adapts, see ``data``). Stops at once with ``PeerError`` when
+    SPU (not compared: each side adapts, see ``data``); ``cache`` is this side's unbalanced
+    cache offer (``unbalanced.agree`` decides from both). Stops at once with ``PeerError`` when
     the peer sends a failure notice for this attempt."""
     hs = _Handshake(spec, me, timeout_s, mode, progress, nonce or new_nonce())
     hs.hello["checkpoint"] = checkpoint or {}
     hs.hello["keys_form"] = keys_form
+    if cache:
+        hs.hello["cache"] = cache
     if extra_fields:
         hs.hello["fields"] = {**hs.hello["fields"], **extra_fields}
     return hs.run()
@@ -369,6 +374,7 @@ class _Handshake:
             if isinstance(msg.get("checkpoint"), dict)
             else {},
             peer_keys_form=str(msg.get("keys_form", "")),
+            peer_cache=msg.get("cache") if isinstance(msg.get("cache"), dict) else {},
         )
 
     def _timeout_message(self) -> str:

@@ -43,8 +43,11 @@ from . import (
     resources,
     shard_runs,
     shards,
+    ub_run,
+    unbalanced,
 )
 from .backends import BackendResult, backend_for
+from .backends import ub as ub_backend
 from .backends.calls import PsiCall
 from .checkpoint import NO_CHECKPOINT, Checkpoint
 from .errors import BackendError, Interrupted, PsiRunError, ResultsDisagree, Stalled
@@ -78,6 +81,7 @@ class JobRun:
         progress: Callable[[str], None] = lambda line: None,
         events: Events | None = None,
         fresh: bool = False,
+        offline: bool = False,
     ) -> None:
         self.spec = spec
         self.party = party
@@ -103,6 +107,11 @@ class JobRun:
         self._announced = False
         self._cleaned = False
         self._lock = threading.Lock()
+        self.offline = offline  # --offline: build the unbalanced server's cache, no peer
+        self.ub_plan: unbalanced.UbPlan | None = None  # an online unbalanced job's plan
+        self.cleanups: list[Callable[[], None]] = []  # stage helpers' own, run at cleanup
+        if offline:
+            self._announced = True  # no peer takes part: a failure is told to nobody
 
     @property
     def tag(self) -> str:
@@ -117,11 +126,17 @@ class JobRun:
         warm = None if self.check_only or self.spec.backend != "embedded" else prewarm.start()
         try:
             with self._stage("preflight"):
-                inp = preflight(self.spec, self.party, take_lock=self._take_lock)
+                if self.offline:
+                    ub_run.check_offline(self)
+                inp = preflight(self.spec, self.party, take_lock=self._take_lock,
+                                check_broker=not self.offline)  # fmt: skip
                 self.events.emit("input", rows=inp.rows)
             log.info("%s: input has %d rows, plain=%s", self.tag, inp.rows, inp.plain)
             self._check_resources(inp)
             self._tell_normalized(inp)
+            if self.offline:
+                with self._stage("offline"):
+                    return ub_run.offline(self, inp, started)
             with self._stage("handshake"):
                 agreed = self._handshake(inp)
             if self.check_only:
@@ -232,6 +247,7 @@ class JobRun:
     def _handshake(self, inp: data.InputTable) -> Agreement:
         mode = "check" if self.check_only else "run"
         mine = self._checkpoint_offer(inp)
+        ub_offer, ub_detail = ub_run.offer(self, inp) if self.spec.unbalanced else ({}, "")
         self._talked = True
         agreed = handshake.handshake(
             self.spec,
@@ -243,9 +259,13 @@ class JobRun:
             checkpoint=mine,
             extra_fields=normalize.handshake_fields(self.spec, inp.plan) if inp.plan else None,
             keys_form=data.keys_form(inp),
+            cache=ub_offer,
         )
         self.peer_nonce = agreed.peer_nonce
         self.events.emit("met", nonce=self.nonce, peer_nonce=agreed.peer_nonce)
+        if self.spec.unbalanced:  # before any SPU link: both refuse an unusable cache alike
+            theirs = agreed.peer_cache or {}
+            self.ub_plan = unbalanced.agree(self.spec, self.party, ub_offer, theirs, ub_detail)
         self._agree_on_resume(mine, agreed.peer_checkpoint or {})
         return agreed
 
@@ -308,6 +328,8 @@ class JobRun:
             # SPU orders rows by the key's raw text: quoted here, bare there would misalign
             log.info("%s: canonical keys: the peer's keys are not quoted alike", self.tag)
             inp.plain = False
+        if self.spec.unbalanced:
+            return ub_run.prepare(self, inp, folder, out)
         if self.spec.shards > 1:
             key = shards.shard_key(agreed.nonce, agreed.peer_nonce)
             self.sharded = shards.split(inp, self.spec, self.party, folder, key, out)
@@ -328,7 +350,7 @@ class JobRun:
     def _psi(self, call: PsiCall, agreed: Agreement) -> BackendResult:
         """The backend's link and PSI, watched: a dead peer or broker, or Ctrl-C, ends it."""
         spec, me = self.spec, self.spec.parties[self.party]
-        backend = backend_for(spec.backend)
+        backend = ub_backend if spec.unbalanced else backend_for(spec.backend)
         self.sessions = [agreed.session, *backend.extra_sessions(agreed.session)]
         if self.sharded is not None:
             self.sessions = [agreed.session, *shard_runs.sessions(agreed.session, spec.shards)]
@@ -495,6 +517,8 @@ class JobRun:
             self._cleaned = True
         if self.watchdog is not None:
             self.watchdog.stop()
+        for cleanup in self.cleanups:
+            cleanup()
         remove_work_dir(self.work)
         if self.lock is not None:
             self.lock.release()

@@ -25,7 +25,10 @@ from .spec import JobSpec
 
 
 def preflight(
-    spec: JobSpec, party: str, take_lock: Callable[[], Path] | None = None
+    spec: JobSpec,
+    party: str,
+    take_lock: Callable[[], Path] | None = None,
+    check_broker: bool = True,
 ) -> data.InputTable:
     """Run every local check; the inspected input.
 
@@ -59,7 +62,8 @@ def preflight(
         inp.plain = False  # SPU writes CSV: the result is built from the input's rows
     if inp.quoted and spec.api != "psi":
         inp.plain = False  # SPU's legacy psi_csv reader keeps a header name's quotes
-    broker_client.check_broker(me.broker, party)
+    if check_broker:  # not for a run without a peer (an unbalanced server's --offline)
+        broker_client.check_broker(me.broker, party)
     if spec.backend == "ray":
         rayhead.check_head(party, me.ray_address)  # type: ignore[arg-type]
     return inp

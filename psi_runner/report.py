@@ -44,6 +44,18 @@ def check_report(
     }
 
 
+def offline_report(
+    spec: JobSpec, party: str, rows: int, log_path: Path, seconds: dict[str, float]
+) -> dict:
+    """The report of an ``--offline`` run (the unbalanced server's cache build)."""
+    return {
+        **_common(spec, party, rows),
+        "offline": "ok",
+        "log": str(log_path),
+        "seconds": _seconds(seconds),
+    }
+
+
 def job_report(
     spec: JobSpec,
     party: str,

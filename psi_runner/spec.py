@@ -22,8 +22,9 @@ from .errors import SpecError, key_text, shown
 from .keyspec import ON_INVALID, Step, ends_with_sha256, parse_normalize, parse_prehashed, salted
 from .link import LINK_DEFAULTS, LinkSettings, parse_link_settings
 from .specfile import LongNumber, SpecProblem, load_yaml, read_spec_text
+from .unbalanced import UnbalancedSpec, parse_unbalanced, unbalanced_rules
 
-PROTOCOLS = ("ECDH", "KKRT", "RR22")
+PROTOCOLS = ("ECDH", "KKRT", "RR22", "ECDH_OPRF_UB")
 BACKENDS = ("embedded", "secretflow", "ray")
 APIS = ("psi", "psi_csv")
 JOINS = ("inner", "left", "right", "full", "difference")
@@ -92,6 +93,8 @@ class JobSpec:
     normalize: dict[str, tuple[Step, ...]] = field(default_factory=dict)
     on_invalid: str = "refuse"  # a key a step cannot parse or that becomes empty: refuse | drop
     shards: int = 1  # independent SPU PSIs over a keyed hash of the key, merged (shards.py)
+    # protocol ECDH_OPRF_UB: the large (server) party and each party's cache (unbalanced.py)
+    unbalanced: UnbalancedSpec | None = None
 
     @property
     def party_names(self) -> list[str]:
@@ -125,6 +128,7 @@ _TOP_KEYS = {
     "normalize",
     "on_invalid",
     "shards",
+    "unbalanced",
 }
 _PARTY_KEYS = {
     "broker", "input", "output", "ray_address", "prehashed", "salt_file", "work_dir",
@@ -228,6 +232,7 @@ def _parse_fields(doc: dict[Any, Any], base: Path, problems: list[str]) -> dict[
         "normalize": parse_normalize(doc.get("normalize"), problems),
         "on_invalid": _choice(doc, "on_invalid", ON_INVALID, problems),
         "shards": _shards(doc.get("shards", _DEFAULTS["shards"]), problems),
+        "unbalanced": parse_unbalanced(doc.get("unbalanced"), base, _path, problems),
     }
 
 
@@ -259,7 +264,7 @@ def _job_id(value: Any, problems: list[str]) -> str | None:
 
 def _protocol(value: Any, problems: list[str]) -> str:
     if not isinstance(value, str) or value.upper() not in PROTOCOLS:
-        problems.append(f"protocol: must be one of {', '.join(PROTOCOLS)}, got {shown(value)}")
+        problems.append(f"protocol: must be one of {', '.join(PROTOCOLS)}, got {shown(value, 24)}")
         return _DEFAULT_PROTOCOL
     return value.upper()
 
@@ -618,6 +623,7 @@ def _normalize_fits_keys(values: dict[str, Any], doc: dict[Any, Any]) -> Iterato
 _RULES: tuple[_Rule, ...] = (
     _psi_csv_limits,
     _shards_fit_call,
+    unbalanced_rules,
     _left_side_fits_join,
     _ray_addresses_fit_backend,
     _normalize_fits_keys,
