@@ -106,6 +106,10 @@ def run(name: str, path: Path, parties: list[str], extra: list[str], want: int) 
     return row
 
 
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--server-rows", type=int, default=10_000_000)
@@ -131,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         want = args.overlap
         ub1 = spec(folder, brokers, "ub-online-1", "ECDH_OPRF_UB")
         run("ub offline (bob alone)", ub1, ["bob"], ["--offline"], want)
+        print(f"# bob's cache: {_size(folder / 'cache/bob') / 1e6:,.0f} MB", flush=True)
         run("ub online 1 (with transfer)", ub1, list(PARTIES), [], want)
+        print(f"# alice's copy: {_size(folder / 'cache/alice') / 1e6:,.0f} MB", flush=True)
         ub2 = spec(folder, brokers, "ub-online-2", "ECDH_OPRF_UB")
         run("ub online 2 (copy reused)", ub2, list(PARTIES), [], want)
         if not args.no_rr22:
