@@ -21,9 +21,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
+from . import distinct
 from .errors import OutputError, cut
 
-BLOCK = 16 << 20
+# Bytes Arrow parses at a time: a row must fit in one (rows are at most 1 MiB, the scan's
+# cap), and smaller blocks keep fewer bytes in flight (10M rows: 16 MB blocks 0.40 GB peak,
+# 2 MB 0.26 GB, in the same time).
+BLOCK = 2 << 20
 _QUOTED_TEXT = (b'"', b",", b"\n", b"\r")  # what only quoting can put into a field
 
 
@@ -47,31 +51,74 @@ def open_batches(
 
 @dataclass
 class KeyColumns:
-    """The key columns of a CSV file, and whether any value of any column holds a character
-    that only quoting can put there (checked only when asked)."""
+    """The key columns of a CSV file (or, read with ``keep=False``, only a 64-bit hash of
+    each key and the shortest key's length), and whether any value of any column holds a
+    character that only quoting can put there (checked only when asked)."""
 
-    table: pa.Table
+    table: pa.Table | None
     quoted_text: bool
+    rows: int
+    hashes: np.ndarray | None = None
+    shortest: int = 0
 
 
 def read_keys(
-    fd: int, header: list[str], keys: tuple[str, ...], look_at_values: bool
+    fd: int,
+    header: list[str],
+    keys: tuple[str, ...],
+    look_at_values: bool,
+    keep: bool = True,
+    expected_rows: int = 0,
 ) -> KeyColumns:
-    """Read the file at ``fd`` (from its start) batch by batch; keep the ``keys`` columns.
-    ``look_at_values``: also look at every column's values for quoted text. Raises
-    ``pa.ArrowInvalid`` for a malformed file."""
+    """Read the file at ``fd`` (from its start) batch by batch; keep the ``keys`` columns, or
+    with ``keep=False`` (one key column) only their hashes (8 bytes a row; ``expected_rows``
+    sizes the array). ``look_at_values``: also look at every column's values for quoted text.
+    Raises ``pa.ArrowInvalid`` for a malformed file."""
     os.lseek(fd, 0, os.SEEK_SET)
     kept: dict[str, list[pa.Array]] = {k: [] for k in keys}
-    quoted_text = False
+    hashes = np.empty(expected_rows if not keep else 0, dtype=np.uint64)
+    extra: list[np.ndarray] = []  # hashes past ``expected_rows``
+    rows, shortest, quoted_text = 0, 1 << 62, False
     with os.fdopen(os.dup(fd), "rb", buffering=0) as fh:
         reader = open_batches(fh, header, None if look_at_values else list(dict.fromkeys(keys)))
         for batch in reader:
             if look_at_values and not quoted_text:
                 quoted_text = any(_holds_quoted_text(c) for c in batch.columns)
-            for k in keys:
-                kept[k].append(batch.column(k))
+            if keep:
+                for k in keys:
+                    kept[k].append(batch.column(k))
+            elif batch.num_rows:
+                column = batch.column(keys[0])
+                shortest = min(shortest, _shortest(column))
+                got = distinct.value_hashes(column)
+                if rows + len(got) <= len(hashes) and not extra:
+                    hashes[rows : rows + len(got)] = got
+                else:
+                    extra.append(got)
+            rows += batch.num_rows
+    if not keep:
+        filled = hashes[: rows - sum(len(e) for e in extra)]
+        all_hashes = np.concatenate([filled, *extra]) if extra else filled
+        return KeyColumns(None, quoted_text, rows, all_hashes, shortest)
     table = pa.table({k: pa.chunked_array(v, pa.string()) for k, v in kept.items()})
-    return KeyColumns(table, quoted_text)
+    return KeyColumns(table, quoted_text, table.num_rows)
+
+
+def read_key_table(path: Path, header: list[str], keys: tuple[str, ...]) -> pa.Table:
+    """The key columns of a CSV file already checked by the preflight, read again."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        got = read_keys(fd, header, keys, look_at_values=False)
+    finally:
+        os.close(fd)
+    assert got.table is not None
+    return got.table
+
+
+def _shortest(arr: pa.Array) -> int:
+    end = arr.offset + len(arr) + 1
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : end]
+    return int(np.diff(offsets).min())
 
 
 def _holds_quoted_text(arr: pa.Array) -> bool:
@@ -102,7 +149,7 @@ class CsvSource:
         """The rows at ``rows`` (data row numbers, in that order; -1: a row of NULLs), every
         column as text. Only the result's rows are kept while the file is read. OutputError
         when the file changed since the preflight (its rows may have moved)."""
-        self._unchanged()
+        self.unchanged()
         missing = rows < 0
         wanted = np.where(missing, np.iinfo(np.int64).max, rows)
         order = np.argsort(wanted, kind="stable")
@@ -118,7 +165,7 @@ class CsvSource:
                     index = ordered[lo:hi] - start
                     pieces.append(pa.Table.from_batches([batch.take(_int64(index))]))
                 start += n
-        self._unchanged()
+        self.unchanged()
         got = pa.concat_tables(pieces) if pieces else schema.empty_table()
         nulls = int(missing.sum())
         if nulls:
@@ -129,7 +176,8 @@ class CsvSource:
         inverse[order] = np.arange(len(rows), dtype=np.int64)
         return got.take(_int64(inverse))
 
-    def _unchanged(self) -> None:
+    def unchanged(self) -> None:
+        """OutputError when the file changed since the preflight read it."""
         try:
             st = os.stat(self.path)
         except OSError as exc:

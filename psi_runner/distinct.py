@@ -36,11 +36,17 @@ def all_distinct(column: pa.ChunkedArray | pa.Array) -> bool:
             piece = chunk.slice(start, _SLICE)
             hashes[at : at + len(piece)] = value_hashes(piece)
             at += len(piece)
-    hashes.sort()
-    if not np.any(hashes[1:] == hashes[:-1]):
+    if hashes_distinct(hashes):
         return True
     del hashes
     return exact_all_distinct(column)
+
+
+def hashes_distinct(hashes: np.ndarray) -> bool:
+    """No two of ``value_hashes``'s hashes are equal (sorts ``hashes`` in place). True
+    proves the values distinct; False may be a collision (check the values themselves)."""
+    hashes.sort()
+    return not np.any(hashes[1:] == hashes[:-1])
 
 
 def _is_text(kind: pa.DataType) -> bool:

@@ -328,6 +328,7 @@ class JobRun:
             # SPU orders rows by the key's raw text: quoted here, bare there would misalign
             log.info("%s: canonical keys: the peer's keys are not quoted alike", self.tag)
             inp.plain = False
+            inp.load_keys(self.spec.keys)  # the preflight proved them plain without holding them
         if self.spec.unbalanced:
             return ub_run.prepare(self, inp, folder, out)
         if self.spec.shards > 1:

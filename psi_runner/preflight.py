@@ -57,11 +57,17 @@ def preflight(
     elif parquet_io.is_parquet(source):
         inp = data.inspect_parquet(source, spec.keys, allow, plan)
     else:
-        inp = data.inspect_input(source, spec.keys, allow, plan)
+        # the keys themselves are needed: a result built from the input's rows (SPU writes
+        # CSV), or an unbalanced PSI (its cache and canonical keys)
+        needed = not isinstance(output, Path) or parquet_io.is_parquet_output(output)
+        needed = needed or spec.unbalanced is not None
+        inp = data.inspect_input(source, spec.keys, allow, plan, keys_needed=needed)
     if not isinstance(output, Path) or parquet_io.is_parquet_output(output):
         inp.plain = False  # SPU writes CSV: the result is built from the input's rows
     if inp.quoted and spec.api != "psi":
         inp.plain = False  # SPU's legacy psi_csv reader keeps a header name's quotes
+    if not inp.plain:
+        inp.load_keys(spec.keys)  # when the preflight only hashed them
     if check_broker:  # not for a run without a peer (an unbalanced server's --offline)
         broker_client.check_broker(me.broker, party)
     if spec.backend == "ray":

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from psi_runner import distinct
 from psi_runner.csv_io import CsvSource
 from psi_runner.data import canonical_keys, inspect_input, result_table
-from psi_runner.errors import OutputError
+from psi_runner.errors import OutputError, PreflightError
 from psi_runner.textfacts import BOM, TextFacts
 
 alphabet = st.sampled_from([b"a", b"1", b",", b"\n", b"\r", b'"', b"~", b" ", b"\xc3\xa9"])
@@ -144,3 +144,18 @@ def test_canonical_keys_match_their_definition_value_by_value() -> None:
         table = pa.table({"k": pa.chunked_array([arr.slice(0, 5), arr.slice(5)])})
         got = canonical_keys(table, ("k",)).to_pylist()
         assert got == [canonical(v) for v in values[round_ % 3 :]]
+
+
+def test_a_plain_file_is_checked_by_hashes_and_by_its_keys_on_a_collision(
+    tmp_path, monkeypatch
+) -> None:
+    path = tmp_path / "in.csv"
+    path.write_text("uid,v\na,1\nb,2\nc,3\n")
+    inp = inspect_input(path, ("uid",))
+    assert inp.plain and inp.rows == 3 and inp.table.num_rows == 0  # hashed, not held
+    monkeypatch.setattr(distinct, "value_hashes", lambda arr: np.zeros(len(arr), np.uint64))
+    inp = inspect_input(path, ("uid",))  # every hash equal: the keys are read and compared
+    assert inp.plain and inp.rows == 3 and inp.table.num_rows == 3
+    path.write_text("uid,v\na,1\nb,2\na,3\n")
+    with pytest.raises(PreflightError, match="1 duplicate key row"):
+        inspect_input(path, ("uid",))
