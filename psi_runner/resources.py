@@ -8,8 +8,9 @@ A rough model, from measurements on a 2-core, 24 GB machine (RR22; bench/README.
   it is, plus the result (at most the size of the input).
 * **memory**, of the party's largest process (with the ``embedded`` backend SPU runs inside
   the job process): SPU's own peak, about ``SPU_MEMORY_BASE`` plus ``SPU_MEMORY_PER_ROW`` a
-  row; psi-run holds none of the input while SPU runs (its keys are dropped or spilled to
-  the work folder before SPU starts), only a row number per normalised row kept.
+  row up to 10M rows and 2 bytes a row past that (``spu_memory``); psi-run holds none of
+  the input while SPU runs (its keys are dropped or spilled to the work folder before SPU
+  starts), only a row number per normalised row kept.
 
 A shortfall is a warning, not a refusal: the figures are estimates, and the other party's
 processes on the same machine are not counted.
@@ -28,6 +29,10 @@ from .data import InputTable
 SPU_DISK_PER_ROW = 65
 SPU_MEMORY_BASE = 600_000_000
 SPU_MEMORY_PER_ROW = 45
+# Past 10M rows SPU's memory grows far slower (it sorts on disk, with GNU sort's 1 GB buffer):
+# bare SPU peaked at 1.06 GB at 10M and 1.24 GB at 100M rows (RR22, bench/README.md).
+SPU_MEMORY_KNEE_ROWS = 10_000_000
+SPU_MEMORY_PER_ROW_PAST_KNEE = 2
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,15 @@ def estimate(inp: InputTable) -> Needs:
     kept = 8 * rows if inp.normalized is not None and inp.normalized.kept is not None else 0
     return Needs(
         disk=SPU_DISK_PER_ROW * rows + canonical + input_bytes + spilled,
-        memory=SPU_MEMORY_BASE + SPU_MEMORY_PER_ROW * rows + kept,
+        memory=spu_memory(rows) + kept,
     )
+
+
+def spu_memory(rows: int) -> int:
+    """SPU's own peak memory for ``rows`` rows (see the module docstring)."""
+    below = min(rows, SPU_MEMORY_KNEE_ROWS)
+    past = max(rows - SPU_MEMORY_KNEE_ROWS, 0)
+    return SPU_MEMORY_BASE + SPU_MEMORY_PER_ROW * below + SPU_MEMORY_PER_ROW_PAST_KNEE * past
 
 
 def available_memory() -> int | None:
