@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import codecs
 import csv
+import ctypes
 import dataclasses
+import functools
 import logging
 import os
 import stat
@@ -467,8 +469,24 @@ def keys_form(inp: InputTable) -> str:
 
 
 def release_memory() -> None:
-    """Give memory that Arrow no longer uses back to the system (jemalloc keeps it a while)."""
+    """Give memory that Arrow no longer uses back to the system (jemalloc keeps it a while),
+    and the free pages of glibc's heaps (SPU's C++ memory once the PSI is over: without it the
+    result stage's Arrow memory came on top of SPU's freed but kept peak)."""
     pa.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():  # glibc's malloc_trim, or None elsewhere
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
 
 
 def _unchanged(normalized: Normalized | None) -> bool:

@@ -154,6 +154,7 @@ class JobRun:
             prewarm.wait(warm)
             with self._stage("psi", timed=False):
                 result = self._psi(call, agreed)
+            data.release_memory()  # SPU's, before the result stage allocates its own
             self.seconds.update(result.seconds)
             with self._stage("agree"):
                 positions = self._agree(inp, call, result, agreed)
