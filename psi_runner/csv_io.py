@@ -2,12 +2,13 @@
 the result later.
 
 Arrow's streaming CSV reader parses the file block by block (``BLOCK`` bytes, on Arrow's
-threads); only the key columns of each batch are kept, so the preflight holds the keys, not
-the file. Every column is still parsed (a row with the wrong number of fields is an error),
-and when the file holds quotes, each batch's values are looked at once for what only quoting
-can put into a field (a quote, comma, CR or LF), which decides whether SPU may read the file as
-it is. The rest of a row is read again only to write the result (``CsvSource.take``), after
-the PSI, batch by batch, keeping only the rows the result needs.
+threads); only the key columns of each batch are kept (or, for a file that may go to SPU as
+it is, only their hashes), so the preflight holds the keys at most, never the file. Every
+column is still parsed (a row with the wrong number of fields is an error), and when the file
+holds quotes, each batch's values are looked at once for what only quoting can put into a
+field (a quote, comma, CR or LF), which decides whether SPU may read the file as it is. The
+rest of a row is read again only to write the result (``CsvSource.take``), after the PSI,
+batch by batch, keeping only the rows the result needs.
 """
 
 from __future__ import annotations

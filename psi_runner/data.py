@@ -30,9 +30,11 @@ refused without being opened); ``scan_text``, reading fixed-size chunks, that it
 text without NUL bytes whose lines are at most ``LINE_MAX_BYTES`` long (a binary file or an
 endless line is refused at once, in a few MB of memory, naming the byte offset), and on the
 same chunks ``textfacts`` learns the header, blank lines and what the plain decision needs.
-Then Arrow's streaming reader parses the rows batch by batch and only the key columns are
-kept (``csv_io``); the duplicate check hashes them (``distinct``). The other columns are read
-again, batch by batch, only to write a result that SPU did not write itself.
+Then Arrow's streaming reader parses the rows batch by batch (``csv_io``): of a file that its
+text shows may go to SPU as it is, only a 64-bit hash of each key is kept (``distinct``: the
+duplicate check sorts them; the keys are read again on a collision, or when the job needs
+canonical keys after all: ``InputTable.load_keys``); of any other file the key columns. The
+other columns are read again, batch by batch, only to write a result SPU did not write itself.
 """
 
 from __future__ import annotations
