@@ -203,7 +203,11 @@ pop_queries = st.one_of(
     st.sampled_from(["nan", "inf", "-1", "1e400", "1e300", "١", "99999999999", "86401", ""]),
     st.text(alphabet=st.characters(blacklist_categories=["Nd"]), max_size=20),
     # A lone surrogate is percent-encoded as its raw bytes: not UTF-8 at all on the wire.
-).map(lambda v: b"" if v is None else b"?timeout=" + quote(v, safe="", errors="surrogatepass").encode())
+).map(lambda v: b"" if v is None else b"?timeout=" + _quoted(v))
+
+
+def _quoted(text: str) -> bytes:
+    return quote(text, safe="", errors="surrogatepass").encode()
 
 
 @SETTINGS
