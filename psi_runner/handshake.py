@@ -266,6 +266,13 @@ class _Handshake:
         self.broker_down = 0.0  # when our broker first failed to answer (0: it answers)
 
     def run(self) -> Agreement:
+        log.info(
+            "job %s party %s: handshake: waiting for %s (up to %.0f s)",
+            self.spec.job_id,
+            self.me,
+            self.peer,
+            self.timeout_s,
+        )
         self.sender.start()
         self.sender.send(dict(self.hello))
         started = time.monotonic()

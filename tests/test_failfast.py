@@ -129,7 +129,8 @@ def test_a_crashed_job_process_is_announced_by_its_parent(tmp_path, pair):
     write_csv(tmp_path / "data/bob.csv", {"uid": ["u1", "u3"]})
     spec = write_spec(tmp_path, pair, job_id="ff-crash", timeout_s=120)
     alice = _start(spec, "alice")
-    assert wait_for(lambda: _has_log(tmp_path, "alice", "input has"), 60)
+    # In the handshake: its parent has seen the stage begin before this line reached the log.
+    assert wait_for(lambda: _has_log(tmp_path, "alice", "handshake: waiting for bob"), 60)
     child = Path(f"/proc/{alice.pid}/task/{alice.pid}/children").read_text().split()
     assert child, "alice's job process not found"
     os.kill(int(child[0]), signal.SIGKILL)
