@@ -104,6 +104,7 @@ _KEYS: dict[str, tuple[str, object]] = {
     "queue.durable": ("queue_durable", _bool),
     "queue.store.dir": ("queue_store_dir", str.strip),
     "queue.store.fsync": ("queue_store_fsync", _bool),
+    "invoke.batch.enabled": ("invoke_batch_enabled", _bool),
 }
 
 # OSX keys that have no meaning for this broker: accepted, and logged as ignored.
@@ -171,6 +172,7 @@ class BrokerConfig:
     queue_durable: bool = True
     queue_store_dir: str = "store"  # relative to the conf dir
     queue_store_fsync: bool = False
+    invoke_batch_enabled: bool = True  # false: answer invoke-batch as OSX does (not found)
     ignored_keys: tuple[str, ...] = ()
     unknown_keys: tuple[str, ...] = ()
 

@@ -94,7 +94,7 @@ class _GrpcHop:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.enable_http_proxy", 0),  # peers are reached directly, never via http_proxy
         ]
-        target = f"{route.ip}:{route.port}"
+        self.target = target = f"{route.ip}:{route.port}"
         if route.use_ssl:
             _check_client_tls(route)
             creds = grpc.ssl_channel_credentials(
@@ -123,6 +123,9 @@ class _GrpcHop:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self.batches = False
+                log.info(
+                    "%s does not take batches (UNIMPLEMENTED); one message per call", self.target
+                )
                 return None
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise _Unreachable(exc.details() or exc.code().name) from None
@@ -195,6 +198,7 @@ class _HttpHop:
             raise
         if status in (404, 405):
             self.batches = False
+            log.info("%s does not take batches (HTTP %d); one message per call", self.url, status)
             return None
         if status != 200:
             return [(codes.INTERNAL, f"HTTP {status} from {self.batch_url}")]

@@ -222,13 +222,13 @@ def add_services(
             proto.invoke_batch, request_deserializer=None, response_serializer=None
         )
     }
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(_PROTOCOL, protocol_methods),
-            grpc.method_handlers_generic_handler(_TRANSPORT, transport_methods),
-            grpc.method_handlers_generic_handler(batch.GRPC_SERVICE, relay_methods),
-        )
-    )
+    handlers = [
+        grpc.method_handlers_generic_handler(_PROTOCOL, protocol_methods),
+        grpc.method_handlers_generic_handler(_TRANSPORT, transport_methods),
+    ]
+    if d.cfg.invoke_batch_enabled:  # otherwise UNIMPLEMENTED, as OSX answers it
+        handlers.append(grpc.method_handlers_generic_handler(batch.GRPC_SERVICE, relay_methods))
+    server.add_generic_rpc_handlers(tuple(handlers))
 
 
 def server_options(d: Dispatcher) -> list[tuple[str, int]]:

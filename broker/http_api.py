@@ -79,7 +79,8 @@ class HttpApi:
         app.router.add_post(base + "peek", self.peek)
         app.router.add_post(base + "release", self.release)
         app.router.add_post(base + "invoke", self.invoke)
-        app.router.add_post(base + "invoke" + batch.HTTP_SUFFIX, self.invoke_batch)
+        if cfg.invoke_batch_enabled:
+            app.router.add_post(base + "invoke" + batch.HTTP_SUFFIX, self.invoke_batch)
         app.router.add_get(base + "traffic", self.traffic)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)

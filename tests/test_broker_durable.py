@@ -156,6 +156,31 @@ def test_many_messages_pushed_at_once_arrive_in_order_over_either_route(brokers)
     got = [_pop(bob, "s8", wait_s=10) for _ in payloads]
     assert got == payloads
     assert "|MSG_REDIRECT|session:s8|" in alice.flow_log()
+    assert "does not take batches" not in _log(alice)
+
+
+@pytest.mark.parametrize("brokers", ["grpc", "http"], indirect=True)
+def test_a_peer_without_invoke_batch_gets_one_message_per_call_in_order(brokers, request):
+    """bob's broker answers invoke-batch as OSX (or an older psi-broker) does: not found over
+    HTTP, UNIMPLEMENTED over gRPC. alice's broker falls back to one invoke per message and
+    nothing is lost or reordered."""
+    alice, bob = brokers
+    bob.stop()  # what alice's broker is given meanwhile waits in its outbox: one batch's worth
+    bob.properties["invoke.batch.enabled"] = "false"
+    rng = random.Random(11)
+    payloads = [rng.randbytes(rng.choice((0, 1, 300, 5000, 200_000))) for _ in range(150)]
+    client = _client(alice)
+    for p in payloads[:100]:
+        assert client.push("s10", "t", "alice", "bob", p).code == codes.OK
+    bob.restart()
+    for p in payloads[100:]:
+        assert client.push("s10", "t", "alice", "bob", p).code == codes.OK
+    got = [_pop(bob, "s10", wait_s=10) for _ in payloads]
+    assert got == payloads
+    assert _pop(bob, "s10", wait_s=0.2) == b""
+    answer = {"grpc": "UNIMPLEMENTED", "http": "HTTP 404"}[request.node.callspec.params["brokers"]]
+    assert f"does not take batches ({answer}); one message per call" in _log(alice)
+    assert bob.flow_log().count("|MSG_DOWNLOAD|session:s10|") == len(payloads)
 
 
 def test_two_brokers_cannot_share_one_store(brokers, tmp_path):
