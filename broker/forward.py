@@ -17,7 +17,7 @@ from dataclasses import replace
 import aiohttp
 import grpc
 
-from . import batch, codes, wire
+from . import batch, codes, reach, wire
 from .envelope import Envelope
 from .proto import http_ptp_pb2, ptp_pb2
 from .refusals import short
@@ -28,7 +28,12 @@ _INVOKE = "/org.ppc.ptp.PrivateTransferProtocol/invoke"
 
 
 class _Unreachable(Exception):
-    """The next hop did not answer at all (connection refused, reset, timeout)."""
+    """The next hop did not answer at all (connection refused, reset, timeout); ``why`` says
+    it in a few words (:func:`broker.reach.reason`)."""
+
+    def __init__(self, detail: str, why: str) -> None:
+        super().__init__(detail)
+        self.why = why
 
 
 class _BadRoute(Exception):
@@ -72,6 +77,11 @@ def _read(path: str | None) -> bytes | None:
         return None
     with open(path, "rb") as fh:
         return fh.read()
+
+
+def _unreachable_grpc(exc: grpc.aio.AioRpcError) -> _Unreachable:
+    detail = exc.details() or exc.code().name
+    return _Unreachable(detail, reach.reason(detail))
 
 
 def _batch_answer(body: bytes, sent: int) -> list[tuple[str, str]]:
@@ -128,7 +138,7 @@ class _GrpcHop:
                 )
                 return None
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise _Unreachable(exc.details() or exc.code().name) from None
+                raise _unreachable_grpc(exc) from None
             return [(codes.INTERNAL, f"gRPC {exc.code().name}: {exc.details()}")]
         except grpc.aio.UsageError as exc:
             raise _Stale(str(exc)) from None
@@ -144,7 +154,7 @@ class _GrpcHop:
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise _Unreachable(exc.details() or exc.code().name) from None
+                raise _unreachable_grpc(exc) from None
             return codes.INTERNAL, f"gRPC {exc.code().name}: {exc.details()}"
         except grpc.aio.UsageError as exc:  # the channel was closed under us (stop, route edit)
             raise _Stale(str(exc)) from None
@@ -189,7 +199,7 @@ class _HttpHop:
         try:
             status, answer = await self._post(self.batch_url, body, {}, timeout)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-            raise _Unreachable(str(exc) or type(exc).__name__) from None
+            raise _Unreachable(str(exc) or type(exc).__name__, reach.reason(exc)) from None
         except aiohttp.ClientResponseError as exc:  # it answered, but not in HTTP
             return [(codes.INTERNAL, f"{self.url} did not answer in HTTP ({short(exc.message)})")]
         except RuntimeError as exc:
@@ -214,7 +224,7 @@ class _HttpHop:
         try:
             status, body = await self._post(self.url, payload, env.headers(), timeout)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-            raise _Unreachable(str(exc) or type(exc).__name__) from None
+            raise _Unreachable(str(exc) or type(exc).__name__, reach.reason(exc)) from None
         except aiohttp.ClientResponseError as exc:  # it answered, but not in HTTP
             return codes.INTERNAL, f"{self.url} did not answer in HTTP ({short(exc.message)})"
         except RuntimeError as exc:
@@ -250,6 +260,7 @@ class Forwarder:
         self._max_message = max_message
         self._window = window
         self._hops: dict[Route, _GrpcHop | _HttpHop] = {}
+        self.reach = reach.Reachability()  # next hops that do not answer now (/health)
         # Clients of routes an edit replaced: closed once their in-flight calls can be done.
         self._retiring: dict[asyncio.Task, _GrpcHop | _HttpHop] = {}
 
@@ -286,48 +297,72 @@ class Forwarder:
         """Send ``items`` (one next hop's, in order) to the first route that answers, in one
         call when the peer takes batches; return the answers to the first items (at least
         one; the rest were not taken and are to be sent again) and the route used. Every item
-        shares one envelope's target."""
-        env = items[0][0]
+        shares one envelope's target. While no route answers, ``reach`` says so."""
+        party = items[0][0].target_node
         deadline = time.monotonic() + self.retry_timeout_s
         delay = 0.1
         last_error = ""
-        while True:
-            for route in routes:
-                try:
-                    hop = self._hop(route)
-                    sent = items
-                    if route.token:
-                        sent = [(replace(e, token=route.token), p) for e, p in items]
-                    answers = None
-                    if len(sent) > 1 and hop.batches:
-                        answers = await hop.send_batch(sent, self.call_timeout_s)
-                    if answers is None:
-                        answers = [await hop.send(*sent[0], self.call_timeout_s)]
+        retrying = False
+        try:
+            while True:
+                for route in routes:
+                    try:
+                        answers = await self._call(route, items)
+                    except _Unreachable as exc:
+                        last_error = f"{route.target}: {exc}"
+                        self.reach.failed(party, route, exc.why)
+                        continue
+                    except _Stale as exc:
+                        last_error = f"{route.target}: {exc}"
+                        continue
+                    self.reach.answered(party)
                     return answers, route
-                except _Unreachable as exc:
-                    last_error = f"{route.target}: {exc}"
-                except _Stale as exc:
-                    if self._hops.get(route) is hop:
-                        del self._hops[route]
-                    last_error = f"{route.target}: {exc}"
-                except (OSError, _BadRoute) as exc:  # e.g. a TLS file that went missing
-                    return [(codes.INTERNAL, f"{route.target}: {exc}")], route
-                except Exception as exc:  # noqa: BLE001 - the sender gets a code, not our crash
-                    # A call that could not even start (its client refused the message).
-                    log.warning("sending to %s failed: %s", route.target, short(repr(exc)))
+                if time.monotonic() + delay > deadline:
                     return [
-                        (codes.INTERNAL, f"{route.target}: could not send ({short(str(exc))})")
-                    ], route
-            if time.monotonic() + delay > deadline:
-                return [
-                    (
-                        codes.PEER_UNREACHABLE,
-                        f"no answer from the broker of {env.target_node} ({last_error})",
-                    )
-                ], None
-            log.warning("next hop for %s unreachable, retrying: %s", env.target_node, last_error)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+                        (
+                            codes.PEER_UNREACHABLE,
+                            f"no answer from the broker of {party} ({last_error})",
+                        )
+                    ], None
+                if not retrying:
+                    retrying = True
+                    self.reach.retrying(party)
+                log.warning("next hop for %s unreachable, retrying: %s", party, last_error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        finally:
+            if retrying:
+                self.reach.settled(party)
+
+    async def _call(
+        self, route: Route, items: list[tuple[Envelope, bytes]]
+    ) -> list[tuple[str, str]]:
+        """One call on ``route``: the answers (see send_batch). Raise _Unreachable or _Stale
+        when it is to be tried again; anything else is an answer with a PTP code."""
+        hop = None
+        try:
+            hop = self._hop(route)
+            sent = items
+            if route.token:
+                sent = [(replace(e, token=route.token), p) for e, p in items]
+            answers = None
+            if len(sent) > 1 and hop.batches:
+                answers = await hop.send_batch(sent, self.call_timeout_s)
+            if answers is None:
+                answers = [await hop.send(*sent[0], self.call_timeout_s)]
+            return answers
+        except _Unreachable:
+            raise
+        except _Stale:
+            if hop is not None and self._hops.get(route) is hop:
+                del self._hops[route]
+            raise
+        except (OSError, _BadRoute) as exc:  # e.g. a TLS file that went missing
+            return [(codes.INTERNAL, f"{route.target}: {exc}")]
+        except Exception as exc:  # noqa: BLE001 - the sender gets a code, not our crash
+            # A call that could not even start (its client refused the message).
+            log.warning("sending to %s failed: %s", route.target, short(repr(exc)))
+            return [(codes.INTERNAL, f"{route.target}: could not send ({short(str(exc))})")]
 
     async def prune(self, keep: set[Route]) -> None:
         """Retire clients of routes that are no longer in the table.

@@ -222,6 +222,8 @@ class HttpApi:
                 "self_party": sorted(self.d.self_parties),
                 "routes": sorted(self.d.routes.table.routes),
                 "queues": len(self.d.queues),
+                # parties whose next hop does not answer while messages for them wait
+                "unreachable": self.d.forwarder.reach.snapshot(),
             }
         )
 

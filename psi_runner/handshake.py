@@ -31,6 +31,7 @@ from . import __version__, notice
 from .broker_client import BROKER_GRACE_S, BrokerClient
 from .digest import shared_fields, spec_digest
 from .errors import PeerError, PreflightError
+from .peer_reach import PeerReach
 from .spec import JobSpec
 
 log = logging.getLogger("psi_runner.handshake")
@@ -264,6 +265,8 @@ class _Handshake:
         self.notice: dict | None = None
         self.notice_deadline = 0.0
         self.broker_down = 0.0  # when our broker first failed to answer (0: it answers)
+        # Our broker's word on the peer's broker (a push is answered before it is sent on).
+        self.reach = PeerReach(spec.parties[me].broker, me, self.peer, time.time() + timeout_s)
 
     def run(self) -> Agreement:
         log.info(
@@ -289,6 +292,9 @@ class _Handshake:
                 if now >= next_progress:
                     self._waiting(next_progress - started)
                     next_progress += PROGRESS_EVERY_S
+                if line := self.reach.poll(now):
+                    log.warning("job %s party %s: %s", self.spec.job_id, self.me, line)
+                    self.progress(line)
                 if self.sender.last_error and now - last_send > RESEND_EVERY_S:
                     self._answer()
                     last_send = now
@@ -328,7 +334,7 @@ class _Handshake:
 
     def _waiting(self, waited_s: float) -> None:
         error = self.sender.last_error
-        extra = f" ({error})" if error else ""
+        extra = f"; {self.reach.describe()}" if self.reach.text else f" ({error})" if error else ""
         self.progress(
             f"waiting for {self.peer} at its broker (job {self.spec.job_id}): "
             f"{waited_s:.0f} s of {self.timeout_s:.0f} s{extra}"
@@ -387,6 +393,11 @@ class _Handshake:
     def _timeout_message(self) -> str:
         spec, me, peer = self.spec, self.me, self.peer
         head = f"job {spec.job_id}: {peer} did not appear within {self.timeout_s:.0f} s"
+        if self.reach.text:
+            return (
+                f"{head}: {self.reach.describe()}; check that {peer}'s broker runs and that "
+                f"the route to {peer} in {me}'s route_table.json points at it"
+            )
         if self.sender.last_error:
             return (
                 f"{head}: {me}'s broker cannot deliver to {peer} ({self.sender.last_error}); "
