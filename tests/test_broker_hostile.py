@@ -625,11 +625,35 @@ def _storm(alice: LocalBroker, count: int, workers: int = 24) -> dict[str, int]:
     return outcomes
 
 
-def _settled_rss(pid: int, ceiling: float, timeout_s: float = 15.0) -> float:
-    deadline = time.monotonic() + timeout_s
-    while (rss := rss_mb(pid)) > ceiling and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return rss
+def anon_mb(pid: int) -> float:
+    """The process's anonymous memory (its heaps), MB: RSS without mapped files, whose pages
+    come and go with the code paths a request happens to run."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no RssAnon for {pid}")
+
+
+def _settled(pid: int, seconds: float = 2.5) -> float:
+    """Anonymous memory once the broker has trimmed (memory.trim.interval is 1 s here): the
+    least of samples over ``seconds``, so a request still being let go does not count."""
+    samples = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        samples.append(anon_mb(pid))
+        time.sleep(0.25)
+    return min(samples)
+
+
+# Measured here (2 cores, under two busy loops): after a storm of 240 the heap settles 2 to
+# 28 MB above its start, and the next storm moves it either way (28 -> 16, 11 -> 2): pages
+# pinned by what is still alive where the storm's buffers were, not a growth. A leak grows
+# with every storm. So three storms, and the *least* excess must stay under the margin: noise
+# in all three at once does not reach it (the least was 2 to 16 MB in 5 runs), a broker that
+# keeps a sixth of the gRPC bodies does (excess 42, 83, 124 MB), as does any leak of more than
+# the margin per storm.
+STORMS = 3
+MARGIN_MB = 25.0
 
 
 def test_memory_returns_near_its_baseline_after_a_storm(tmp_path):
@@ -637,25 +661,29 @@ def test_memory_returns_near_its_baseline_after_a_storm(tmp_path):
     try:
         pid = alice.proc.pid
         assert_healthy(alice, bob)  # warm: every code path that imports lazily has run
-        time.sleep(1.5)
-        baseline = rss_mb(pid)
+        baseline = _settled(pid)
         peak = baseline
         sampler_stop = threading.Event()
 
         def sample() -> None:
             nonlocal peak
             while not sampler_stop.wait(0.2):
-                peak = max(peak, rss_mb(pid))
+                peak = max(peak, anon_mb(pid))
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        outcomes = _storm(alice, 240)
-        sampler_stop.set()
-        sampler.join()
-        after = _settled_rss(pid, baseline + 20)
-        print(f"RSS MB: baseline {baseline:.0f}, peak {peak:.0f}, after {after:.0f}; {outcomes}")
+        excess, outcomes = [], {}
+        try:
+            for _ in range(STORMS):
+                for outcome, n in _storm(alice, 240).items():
+                    outcomes[outcome] = outcomes.get(outcome, 0) + n
+                excess.append(round(_settled(pid) - baseline, 1))
+        finally:
+            sampler_stop.set()
+            sampler.join()
+        print(f"heap MB: baseline {baseline:.0f}, peak {peak:.0f}, excess {excess}; {outcomes}")
         assert set(outcomes) <= {"left", f"ptp:{codes.BAD_REQUEST}"}, outcomes
-        assert after <= baseline + 20, (baseline, peak, after)
+        assert min(excess) <= MARGIN_MB, (baseline, peak, excess)
         assert_healthy(alice, bob)
     finally:
         alice.stop()
