@@ -52,6 +52,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's harness/
 from bench.peak_rss import PeakRss, party_label
 from harness.localnet import BIN, LocalRayHead, run_parties, start_pair
+from psi_runner.progress import spu_stage_seconds
 
 HERE = Path(__file__).resolve().parent
 BARE = HERE / "bare_psi.py"
@@ -216,6 +217,9 @@ class Run:
     setup_s: float = 0.0  # brokers' start (a) / nothing (b); not part of wall_s
     rss: tuple[int, int] = (0, 0)  # peak RSS (bytes) of each party's largest process
     rss_sum: tuple[int, int] = (0, 0)  # the sum of the peaks of each party's processes
+    # Each party's own stage seconds (alice, bob): the report's ``seconds`` (a) or bare_psi's
+    # (b), SPU's stages from its log as ``spu:<stage>``, and ``rest_s`` (wall - total_s).
+    parts: tuple[dict[str, float], ...] = ()
 
     @property
     def label(self) -> str:
@@ -306,12 +310,14 @@ def run_product(
             for party, address in (ray_heads or {}).items():
                 doc["parties"][party]["ray_address"] = address
         spec.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+        cpu0 = [_cpu_s(b.proc) for b in brokers]
         t0 = time.monotonic()
         with PeakRss(party_label(PARTIES)) as mem:
             results = run_parties(
                 spec, list(PARTIES), timeout_s=timeout_s, log_dir=run_dir / "logs"
             )
         wall = time.monotonic() - t0
+        broker_cpu = [_cpu_s(b.proc) - c for b, c in zip(brokers, cpu0)]
     finally:
         for b in brokers:
             b.stop()
@@ -337,6 +343,10 @@ def run_product(
             )
         rows.append(check_output(Path(rep["output"]), data, f"{who} {party}"))
     stages = {k: max(rep["seconds"][k] for rep in reports) for k in reports[0]["seconds"]}
+    parts = tuple(
+        {**_parts(rep["seconds"], rep.get("spu_stages_s") or {}, wall), "broker_cpu_s": cpu}
+        for rep, cpu in zip(reports, broker_cpu)
+    )
     return Run(
         rnd,
         variant_name(backend, route, shards),
@@ -349,7 +359,27 @@ def run_product(
         setup_s,
         _rss(mem),
         _rss_sum(mem),
+        parts,
     )
+
+
+def _cpu_s(proc: subprocess.Popen | None) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far; 0 if unknown."""
+    if proc is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _parts(seconds: dict[str, float], spu: dict[str, float], wall: float) -> dict[str, float]:
+    """One party's stage seconds for the breakdown (see ``Run.parts``)."""
+    out = {k: float(v) for k, v in seconds.items()}
+    out.update({f"spu:{k}": float(v) for k, v in spu.items()})
+    out["rest_s"] = wall - out.get("total_s", 0.0)
+    return out
 
 
 def _rss_sum(mem: PeakRss) -> tuple[int, int]:
@@ -463,9 +493,13 @@ def run_bare(
     psi_s = max(r["seconds"]["psi_s"] for r in reports)
     link_s = max(r["seconds"]["link_s"] for r in reports)
     proc_s = max(r["seconds"]["total_s"] for r in reports)
+    parts = tuple(
+        _parts(rep["seconds"], spu_stage_seconds(f"{o}\n{e}".encode()), wall)
+        for rep, (_code, o, e) in zip(reports, results)
+    )
     return Run(
         rnd, "b", wall, psi_s, link_s, tuple(rows), proc_s=proc_s, rss=_rss(mem),
-        rss_sum=_rss_sum(mem),
+        rss_sum=_rss_sum(mem), parts=parts,
     )  # fmt: skip
 
 
@@ -598,6 +632,41 @@ def summary(runs: list[Run], variants: list[str]) -> list[str]:
         if v != "b" and big_base:
             line += f"  ratio {max(m['rss_a'], m['rss_b']) / big_base:.2f}"
         lines.append(line)
+    return lines
+
+
+# The breakdown's rows, in the order a run goes through them; SPU's own stages are inside psi_s.
+STAGES = (
+    "import_s", "preflight_s", "handshake_s", "prepare_s", "link_s", "psi_s", "spu:Init",
+    "spu:PreProcess", "spu:Online", "spu:PostProcess", "spu:Finalize", "agree_s", "output_s",
+    "total_s", "rest_s", "broker_cpu_s",
+)  # fmt: skip
+
+
+def stage_breakdown(runs: list[Run], variants: list[str]) -> list[str]:
+    """Each party's stages, median over the rounds (and the range), per variant side by side:
+    where the seconds go. ``rest_s`` is the run's wall time minus the party's ``total_s``
+    (process start and imports before the party's clock starts, exit, the other party)."""
+    lines = [
+        "stage breakdown, seconds: median (min-max) over rounds, alice | bob; spu:* are SPU's "
+        "own stages (inside psi_s), rest_s = wall_s - total_s, broker_cpu_s = the "
+        "party's broker's CPU during the run"
+    ]
+    cols = [(v, i) for v in variants for i in range(len(PARTIES))]
+    head = "".join(f"{variant_label(v)[:20] + ' ' + PARTIES[i][0]:>24}" for v, i in cols)
+    lines.append(f"  {'stage':<16}{head}")
+    for stage in STAGES:
+        cells, seen = [], False
+        for v, i in cols:
+            vals = [r.parts[i][stage] for r in runs if r.variant == v and len(r.parts) > i
+                    and stage in r.parts[i]]  # fmt: skip
+            if vals:
+                seen = True
+                cells.append(f"{statistics.median(vals):>8.2f} ({min(vals):.1f}-{max(vals):.1f})")
+            else:
+                cells.append("-")
+        if seen:
+            lines.append(f"  {stage:<16}" + "".join(f"{c:>24}" for c in cells))
     return lines
 
 
@@ -782,6 +851,9 @@ def print_summary(
         f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())})"
     )
     for line in summary(runs, variants):
+        print(line)
+    print()
+    for line in stage_breakdown(runs, variants):
         print(line)
     print(
         "\n| rows | keys | variant | psi-run wall s | bare wall s | wall ratio | "
