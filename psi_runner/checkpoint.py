@@ -103,13 +103,14 @@ class Checkpoint:
             return "has a different input than its checkpoint"
         return ""
 
-    def start(self, spec: JobSpec, digest_of_input: str, run: str) -> None:
-        """A new checkpoint for the joint run ``run`` (any older one is removed)."""
+    def start(self, spec: JobSpec, digest_of_input: str, run: str, key_code: str = "hex") -> None:
+        """A new checkpoint for the joint run ``run`` (any older one is removed);
+        ``key_code``: how SPU's input file writes non-plain keys (``keycode``)."""
         self.remove()
         self.folder.mkdir(mode=0o700)
         os.chmod(self.folder, 0o700)  # whatever the umask
         doc = {"job_id": spec.job_id, "spec_digest": spec_digest(spec),
-               "input_digest": digest_of_input, "run": run}  # fmt: skip
+               "input_digest": digest_of_input, "run": run, "key_code": key_code}  # fmt: skip
         (self.folder / "identity.json").write_text(json.dumps(doc), encoding="utf-8")
 
     def remove(self) -> None:

@@ -2,11 +2,13 @@
 
 SPU's CSV handling has edge cases (quotes inside multi-column keys break its intermediate
 files; relative paths break its C++ side). psi-run therefore never passes key text it has not
-checked: every key is mapped to a *canonical key* made only of printable ASCII without quote,
-comma or ``~``, and the mapping is injective, so equal canonical keys mean equal original keys.
+checked: every key is mapped to a *canonical key* without quote, comma or control character,
+and the mapping is injective, so equal canonical keys mean equal original keys.
 
-* single key column: a value already in that alphabet stays as it is; any other value becomes
-  ``~`` + hex of its UTF-8 bytes (no plain value starts with ``~``);
+* single key column: a value already made of printable ASCII without quote, comma or ``~``
+  stays as it is; any other value becomes ``~`` + hex of its UTF-8 bytes, or, when both
+  parties know it, ``~`` + the value with only its quote, comma, ``~`` and control bytes
+  escaped (``keycode``; no plain value starts with ``~``);
 * several key columns: the hex of each value's UTF-8 bytes, joined with ``-``.
 
 Both parties derive the same canonical key from the same original values whatever else their
@@ -56,7 +58,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from . import csv_io, database, distinct, parquet_io
+from . import csv_io, database, distinct, keycode, parquet_io
 from .dbspec import DbConfig
 from .errors import PreflightError, cut, shown
 from .normalize import KeyPlan, Normalized, duplicate_rows, normalize_keys
@@ -580,15 +582,17 @@ def _hex(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     )
 
 
-def canonical_keys(table: pa.Table, keys: tuple[str, ...]) -> pa.Array:
-    """The canonical key of every row (see the module docstring)."""
+def canonical_keys(table: pa.Table, keys: tuple[str, ...], code: str = keycode.HEX) -> pa.Array:
+    """The canonical key of every row (see the module docstring); ``code`` says how a
+    single column's non-plain values are written (``keycode``)."""
     if len(keys) == 1:
         col = table[keys[0]].combine_chunks().cast(pa.large_string())
         encode = ~_plain_values(col)
         if not encode.any():
             return col
         mask = _bool_array(encode)
-        return pc.replace_with_mask(col, mask, _tilde_hex(col.filter(mask)))
+        write = keycode.tilde_escape if code == keycode.ESCAPE else _tilde_hex
+        return pc.replace_with_mask(col, mask, write(col.filter(mask)))
     parts = [_hex(table[k]) for k in keys]
     return pc.binary_join_element_wise(*parts, _const("-", table.num_rows))
 
@@ -646,9 +650,12 @@ def _const(text: str, n: int) -> pa.Array:
 _WRITE_SLICE = 1 << 20  # rows of the canonical-key file built and written at a time
 
 
-def write_spu_input(inp: InputTable, keys: tuple[str, ...], dest: Path) -> None:
+def write_spu_input(
+    inp: InputTable, keys: tuple[str, ...], dest: Path, code: str = keycode.HEX
+) -> None:
     """Write the (canonical key, position) file that SPU reads instead of the input; a
-    position is a row of ``inp.key_table`` (``inp.input_rows`` maps it to the input row).
+    position is a row of ``inp.key_table`` (``inp.input_rows`` maps it to the input row);
+    ``code``: how non-plain keys are written (``keycode``, the same at both parties).
 
     Slice by slice (``_WRITE_SLICE`` rows), so the temporaries stay small; each slice's keys
     are written as ``string``, not ``large_string`` (Arrow's CSV writer is 20x slower on
@@ -664,7 +671,7 @@ def write_spu_input(inp: InputTable, keys: tuple[str, ...], dest: Path) -> None:
             positions = np.arange(start, start + n, dtype=np.int64)
             t = pa.table(
                 {
-                    KEY_COLUMN: canonical_keys(piece, keys).cast(pa.string()),
+                    KEY_COLUMN: canonical_keys(piece, keys, code).cast(pa.string()),
                     # from_buffers: pa.array() on numpy would import pandas (half a second)
                     ROW_COLUMN: pa.Int64Array.from_buffers(
                         pa.int64(), n, [None, pa.py_buffer(positions)]

@@ -65,6 +65,7 @@ class Agreement:
     # "bare" (its file as it is) or "canonical"; "" from a peer that does not say.
     peer_keys_form: str = ""
     peer_cache: dict | None = None  # what the peer said of its unbalanced cache (unbalanced)
+    peer_key_codes: list | None = None  # the key codes the peer can write (None: not said)
 
 
 class _Channel:
@@ -205,6 +206,7 @@ def handshake(
     extra_fields: dict | None = None,
     keys_form: str = "",
     cache: dict | None = None,
+    key_codes: tuple[str, ...] = (),
 ) -> Agreement:
     """Wait for the peer (up to ``timeout_s``) and check that it runs the same job.
 
@@ -212,10 +214,13 @@ def handshake(
     preflight (e.g. a salt's fingerprint). ``keys_form`` tells the peer how our keys reach
     SPU (not compared: each side adapts, see ``data``); ``cache`` is this side's unbalanced
     cache offer (``unbalanced.agree`` decides from both). Stops at once with ``PeerError`` when
-    the peer sends a failure notice for this attempt."""
+    the peer sends a failure notice for this attempt. ``key_codes``: how this side can write
+    non-plain keys for SPU (``keycode``; each side picks from both lists by the same rule)."""
     hs = _Handshake(spec, me, timeout_s, mode, progress, nonce or new_nonce())
     hs.hello["checkpoint"] = checkpoint or {}
     hs.hello["keys_form"] = keys_form
+    if key_codes:
+        hs.hello["key_codes"] = list(key_codes)
     if cache:
         hs.hello["cache"] = cache
     if extra_fields:
@@ -388,6 +393,7 @@ class _Handshake:
             else {},
             peer_keys_form=str(msg.get("keys_form", "")),
             peer_cache=msg.get("cache") if isinstance(msg.get("cache"), dict) else {},
+            peer_key_codes=msg.get("key_codes") if isinstance(msg.get("key_codes"), list) else None,
         )
 
     def _timeout_message(self) -> str:

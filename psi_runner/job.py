@@ -36,6 +36,7 @@ from . import (
     handshake,
     interrupts,
     joblock,
+    keycode,
     normalize,
     notice,
     prewarm,
@@ -261,14 +262,22 @@ class JobRun:
             extra_fields=normalize.handshake_fields(self.spec, inp.plan) if inp.plan else None,
             keys_form=data.keys_form(inp),
             cache=ub_offer,
+            key_codes=keycode.CODES,
         )
         self.peer_nonce = agreed.peer_nonce
         self.events.emit("met", nonce=self.nonce, peer_nonce=agreed.peer_nonce)
         if self.spec.unbalanced:  # before any SPU link: both refuse an unusable cache alike
             theirs = agreed.peer_cache or {}
             self.ub_plan = unbalanced.agree(self.spec, self.party, ub_offer, theirs, ub_detail)
-        self._agree_on_resume(mine, agreed.peer_checkpoint or {})
+        self._agree_on_resume(mine, agreed.peer_checkpoint or {}, self._key_code(agreed))
         return agreed
+
+    def _key_code(self, agreed: Agreement) -> str:
+        """How non-plain keys are written for SPU (``keycode``): the same at both parties.
+        Shards and unbalanced PSI keep ``hex`` (their files and caches are built with it)."""
+        if self.spec.unbalanced or self.spec.shards > 1:
+            return keycode.HEX
+        return keycode.agreed_code(self.spec.keys, agreed.peer_key_codes)
 
     def _checkpoint_offer(self, inp: data.InputTable) -> dict:
         """What we tell the peer about our checkpoint: the joint run it belongs to, or why
@@ -293,12 +302,15 @@ class JobRun:
         found = self.checkpoint.identity() or {}
         return {"run": "" if why else str(found.get("run", "")), "why": why}
 
-    def _agree_on_resume(self, mine: dict, theirs: dict) -> None:
-        """Resume only when both sides hold a checkpoint of the same joint run."""
+    def _agree_on_resume(self, mine: dict, theirs: dict, code: str) -> None:
+        """Resume only when both sides hold a checkpoint of the same joint run, whose keys
+        were written with the key code this attempt uses (a peer upgraded since: not)."""
         if self.checkpoint is None:
             return
         run = mine.get("run", "")
-        self.resume = bool(run) and run == theirs.get("run")
+        found = self.checkpoint.identity() or {}
+        same_code = found.get("key_code", keycode.HEX) == code
+        self.resume = bool(run) and run == theirs.get("run") and same_code
         if self.resume:
             self.progress("resuming from the checkpoint of an earlier attempt")
             return
@@ -322,7 +334,8 @@ class JobRun:
         folder, recovery = self.work, None
         if self.checkpoint is not None:
             if not self.resume:
-                self.checkpoint.start(self.spec, self._input_digest, run=agreed.session)
+                self.checkpoint.start(self.spec, self._input_digest, run=agreed.session,
+                                      key_code=self._key_code(agreed))  # fmt: skip
             folder, recovery = self.checkpoint.folder, self.checkpoint.spu_folder
         out = folder / "spu_output.csv"
         if inp.plain and inp.keys_quoted and agreed.peer_keys_form != "quoted":
@@ -344,7 +357,7 @@ class JobRun:
             inp.release()  # SPU's output is the result: our copy of the rows is not needed
             return PsiCall(inp.path, out, self.spec.keys,
                            scratch=folder, recovery_folder=recovery)  # fmt: skip
-        data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv")
+        data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv", self._key_code(agreed))
         inp.spill(self.work)  # the keys wait on disk while SPU runs; Arrow gives memory back
         return PsiCall(folder / "spu_input.csv", out, (data.KEY_COLUMN,),
                        scratch=folder, recovery_folder=recovery)  # fmt: skip

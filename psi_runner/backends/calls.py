@@ -142,11 +142,19 @@ def _stop_link(lctx, timeout_s: float) -> None:
         log.warning("SPU's link did not close within %.0f s; leaving it", timeout_s)
 
 
-def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], session: str) -> dict:
+def execute(
+    spec: JobSpec,
+    party: str,
+    call: PsiCall,
+    env: dict[str, str],
+    session: str,
+    keep: list | None = None,
+) -> dict:
     """Create the blackbox link through the broker and run the spec's PSI call.
 
     Returns ``{"original_count", "intersection_count", "link_s", "psi_s"}``; raises CallFailed.
-    Runs wherever the backend puts it, so it takes only picklable arguments."""
+    Runs wherever the backend puts it, so it takes only picklable arguments. ``keep``: a list
+    that keeps the closed link (see ``embedded``) instead of dropping it here."""
     from spu import psi as spu_psi
 
     # SPU's scratch folder (sorted input, bucket stores, intersection indices) and its sort's
@@ -173,6 +181,8 @@ def execute(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], sessi
         _stop_link(lctx, STOP_AFTER_FAILURE_S)
         raise CallFailed("running the PSI", str(exc)) from exc
     _stop_link(lctx, STOP_AFTER_SUCCESS_S)
+    if keep is not None:
+        keep.append(lctx)
     return {
         "original_count": int(report.original_count),
         # A party that does not receive the result gets -1 from SPU.

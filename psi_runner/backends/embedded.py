@@ -16,6 +16,11 @@ from .translate import translate_spu_error
 
 log = logging.getLogger("psi_runner.backends.embedded")
 
+# SPU's closed links, never dropped: dropping one waits for its receive thread's pending pop
+# at the broker (up to 0.75 s, after the PSI, before the result check). The job process ends
+# with os._exit (``supervisor``), which runs no destructor, so nothing waits for them.
+_CLOSED_LINKS: list = []
+
 
 def extra_sessions(session: str) -> list[str]:
     """The embedded backend opens only the SPU link."""
@@ -27,7 +32,7 @@ def run(
 ) -> BackendResult:
     """Create the link and run the PSI in this process."""
     try:
-        report = execute(spec, party, call, env, session)
+        report = execute(spec, party, call, env, session, keep=_CLOSED_LINKS)
     except CallFailed as exc:
         log.error("%s failed: %s", exc.stage, exc)
         raise translate_spu_error(exc, spec, party, exc.stage) from exc

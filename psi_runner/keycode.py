@@ -1,0 +1,79 @@
+"""How a single key column's non-plain values are written for SPU: the key code.
+
+A canonical key (``data``) leaves a plain value (printable ASCII without quote, comma or
+``~``) as it is and marks every other value with a leading ``~``. Two codes write the rest:
+
+* ``hex``: ``~`` + the hex of the value's UTF-8 bytes (twice as long; the only code of
+  earlier versions, and still the one for several key columns, shards and unbalanced PSI);
+* ``escape``: ``~`` + the value itself, each byte that SPU's CSV handling or its sort could
+  misread (quote, comma, ``~``, control characters and DEL) written as ``~`` + two hex
+  digits; every other byte, UTF-8 above ASCII included, stays. ``id,1`` becomes ``~id~2c1``.
+
+Both are injective: an encoded value starts with ``~``, which no plain value holds, and in
+``escape`` every ``~`` after the first starts an escape (a ``~`` of the value is escaped
+itself). ``escape`` keeps SPU's input about as long as the user's file: SPU sorts it with
+GNU sort, reads it bucket by bucket and copies its lines, so every byte counts (10M awkward
+keys: SPU's PSI call 34.0 s on hex keys against 28.1 s on the original file).
+
+Both parties must write the same code: each says in the handshake which codes it knows
+(``CODES``), and ``agreed_code`` picks ``escape`` only when both know it (a peer of an
+earlier version says nothing and gets ``hex``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+HEX, ESCAPE = "hex", "escape"
+CODES = (HEX, ESCAPE)  # what this version can write, told to the peer
+
+_ESCAPED = np.zeros(256, dtype=bool)  # the bytes ``escape`` writes as ``~XX``
+_ESCAPED[:0x20] = True
+_ESCAPED[0x7F] = True
+_ESCAPED[[ord('"'), ord(","), ord("~")]] = True
+_HEX = np.array([list(f"{i:02x}".encode()) for i in range(256)], dtype=np.uint8)
+_TILDE = ord("~")
+
+
+def agreed_code(keys: tuple[str, ...], peer_codes: object) -> str:
+    """The code both parties use: ``escape`` for one key column when the peer knows it."""
+    if len(keys) == 1 and isinstance(peer_codes, list) and ESCAPE in peer_codes:
+        return ESCAPE
+    return HEX
+
+
+def tilde_escape(arr: pa.Array) -> pa.Array:
+    """``~`` and each value with its ``_ESCAPED`` bytes as ``~XX`` (large_string, no nulls),
+    vectorised over the bytes: no Python loop over rows."""
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    first, last = (int(offsets[0]), int(offsets[-1])) if n else (0, 0)
+    raw = arr.buffers()[2]
+    body = np.frombuffer(raw, dtype=np.uint8)[first:last] if raw is not None and n else None
+    if body is None or not len(body):  # empty values only: each becomes "~"
+        ends = np.arange(n + 1, dtype=np.int64)
+        return pa.LargeStringArray.from_buffers(
+            n, pa.py_buffer(ends.tobytes()), pa.py_buffer(b"~" * n)
+        )
+    # Positions fit in 32 bits for any slice below 2 GB: half the temporaries' memory.
+    width = np.int32 if len(body) * 3 + n < (1 << 31) else np.int64
+    escaped = _ESCAPED[body]
+    size = escaped.astype(width) * 2 + 1  # bytes each input byte becomes
+    before = np.cumsum(size, dtype=width) - size  # output bytes before it (no "~" marks)
+    starts = offsets - first
+    # a value's output starts after the bytes of the values before it and their "~" marks
+    total = int(before[-1]) + int(size[-1])
+    new_offsets = np.append(before, total)[starts].astype(np.int64) + np.arange(n + 1)
+    owner = np.repeat(np.arange(n, dtype=width), np.diff(starts))  # value of each byte
+    at = before + owner + 1  # where each input byte goes (after its value's "~")
+    out = np.full(int(new_offsets[-1]), _TILDE, dtype=np.uint8)
+    kept = ~escaped
+    out[at[kept]] = body[kept]
+    where = at[escaped]  # out[where] is already "~"
+    digits = _HEX[body[escaped]]
+    out[where + 1] = digits[:, 0]
+    out[where + 2] = digits[:, 1]
+    return pa.LargeStringArray.from_buffers(
+        n, pa.py_buffer(new_offsets.tobytes()), pa.py_buffer(out.tobytes())
+    )

@@ -1,0 +1,63 @@
+"""Unit tests of the ``escape`` key code (psi_runner/keycode.py) and how both parties pick it."""
+
+from __future__ import annotations
+
+import random
+
+import pyarrow as pa
+
+from psi_runner import keycode
+from psi_runner.data import canonical_keys
+
+ESCAPED = set(range(0x20)) | {0x7F} | set(b'",~')
+
+
+def escaped(value: str) -> str:
+    """The ``escape`` canonical key of one value, by its definition (keycode's docstring)."""
+    raw = value.encode()
+    if raw and all(0x20 <= b < 0x7F and b not in b'",~' for b in raw):
+        return value  # plain: as it is
+    body = b"".join(b"~%02x" % b if b in ESCAPED else bytes([b]) for b in raw)
+    return "~" + body.decode()
+
+
+def test_escape_keys_match_their_definition_value_by_value() -> None:
+    rng = random.Random(12)
+    pieces = ["a", "1", " ", ",", '"', "~", "é", "\n", "\r", "\t", "\x7f", "}", "张", "🙂"]
+    for round_ in range(300):
+        values = ["".join(rng.choices(pieces, k=rng.randrange(0, 6))) for _ in range(30)]
+        arr = pa.array(values, pa.string()).slice(round_ % 3)  # offset slices too
+        table = pa.table({"k": pa.chunked_array([arr.slice(0, 5), arr.slice(5)])})
+        got = canonical_keys(table, ("k",), keycode.ESCAPE).to_pylist()
+        assert got == [escaped(v) for v in values[round_ % 3 :]]
+
+
+def test_escape_keys_are_distinct_for_distinct_values_and_hold_no_csv_syntax() -> None:
+    values = [
+        "",
+        "~",
+        "~7e",
+        "~~7e",
+        "7e",
+        "a,b",
+        "a~2cb",
+        '"',
+        "~22",
+        "张",
+        "~张",
+        "x\ny",
+        "x~0ay",
+    ]
+    got = canonical_keys(pa.table({"k": values}), ("k",), keycode.ESCAPE).to_pylist()
+    assert len(set(got)) == len(values)
+    for key in got:
+        assert not any(c in key for c in '",\r\n\x7f') and key.isprintable()
+    assert got[:3] == ["~", "~~7e", "~~7e7e"]
+    assert got[values.index("a,b")] == "~a~2cb"
+
+
+def test_escape_only_when_both_sides_know_it_and_for_one_key_column() -> None:
+    assert keycode.agreed_code(("uid",), list(keycode.CODES)) == keycode.ESCAPE
+    assert keycode.agreed_code(("uid",), None) == keycode.HEX  # a peer of an earlier version
+    assert keycode.agreed_code(("uid",), ["hex"]) == keycode.HEX
+    assert keycode.agreed_code(("a", "b"), list(keycode.CODES)) == keycode.HEX
