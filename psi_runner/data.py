@@ -58,7 +58,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from . import csv_io, database, distinct, keycode, parquet_io
+from . import csv_io, database, distinct, keycode, parquet_io, rawrows
 from .dbspec import DbConfig
 from .errors import PreflightError, cut, shown
 from .normalize import KeyPlan, Normalized, duplicate_rows, normalize_keys
@@ -732,9 +732,21 @@ def result_table(inp: InputTable, rows: np.ndarray) -> pa.Table:
 def write_result(inp: InputTable, rows: np.ndarray, dest: Path) -> int:
     """Write the input rows at ``rows`` (in that order) with the input's columns; return count.
 
-    ``dest`` is Parquet (``parquet_io.is_parquet_output``: the input's column types, and the
-    rows of a join that only the peer has are NULL) or CSV (those rows' fields are
-    ``NULL_TEXT``)."""
+    A CSV result of a CSV input whose rows are its lines is the input's own lines
+    (``rawrows``); otherwise ``dest`` is Parquet (``parquet_io.is_parquet_output``: the
+    input's column types, and the rows of a join that only the peer has are NULL) or CSV
+    (those rows' fields are ``NULL_TEXT``)."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    source = inp.source
+    raw = isinstance(source, csv_io.CsvSource) and not parquet_io.is_parquet_output(dest)
+    if raw and not (rows < 0).any():  # every row is one of ours: copy the input's lines
+        assert isinstance(source, csv_io.CsvSource)
+        source.unchanged()
+        starts = rawrows.line_starts(source.path, inp.rows)
+        if starts is not None:
+            count = rawrows.write_rows(source.path, starts, rows, dest)
+            source.unchanged()
+            return count
     out = result_table(inp, rows)
     if parquet_io.is_parquet_output(dest):
         parquet_io.write_table(out, dest)
