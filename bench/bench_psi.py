@@ -653,7 +653,8 @@ def stage_breakdown(runs: list[Run], variants: list[str]) -> list[str]:
         "party's broker's CPU during the run"
     ]
     cols = [(v, i) for v in variants for i in range(len(PARTIES))]
-    head = "".join(f"{variant_label(v)[:20] + ' ' + PARTIES[i][0]:>24}" for v, i in cols)
+    short = {v: "bare" if v == "b" else variant_label(v).replace("+brokers", "") for v in variants}
+    head = "".join(f"{(short[v] + ' ' + PARTIES[i])[-23:]:>24}" for v, i in cols)
     lines.append(f"  {'stage':<16}{head}")
     for stage in STAGES:
         cells, seen = [], False
