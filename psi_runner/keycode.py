@@ -56,24 +56,20 @@ def tilde_escape(arr: pa.Array) -> pa.Array:
         return pa.LargeStringArray.from_buffers(
             n, pa.py_buffer(ends.tobytes()), pa.py_buffer(b"~" * n)
         )
-    # Positions fit in 32 bits for any slice below 2 GB: half the temporaries' memory.
-    width = np.int32 if len(body) * 3 + n < (1 << 31) else np.int64
-    escaped = _ESCAPED[body]
-    size = escaped.astype(width) * 2 + 1  # bytes each input byte becomes
-    before = np.cumsum(size, dtype=width) - size  # output bytes before it (no "~" marks)
+    # Few bytes need an escape: put "~" on each escaped byte and insert its two hex digits
+    # after it, and a "~" before each value (np.insert is one pass over the bytes; equal
+    # insertion points keep the order given: a value's digits before the next value's "~").
+    at = np.flatnonzero(_ESCAPED[body])
+    digits = _HEX[body[at]]
+    marked = body.copy()
+    marked[at] = _TILDE
     starts = offsets - first
-    # a value's output starts after the bytes of the values before it and their "~" marks
-    total = int(before[-1]) + int(size[-1])
-    new_offsets = np.append(before, total)[starts].astype(np.int64) + np.arange(n + 1)
-    owner = np.repeat(np.arange(n, dtype=width), np.diff(starts))  # value of each byte
-    at = before + owner + 1  # where each input byte goes (after its value's "~")
-    out = np.full(int(new_offsets[-1]), _TILDE, dtype=np.uint8)
-    kept = ~escaped
-    out[at[kept]] = body[kept]
-    where = at[escaped]  # out[where] is already "~"
-    digits = _HEX[body[escaped]]
-    out[where + 1] = digits[:, 0]
-    out[where + 2] = digits[:, 1]
+    where = np.concatenate([at + 1, at + 1, starts[:-1]])
+    what = np.concatenate([digits[:, 0], digits[:, 1], np.full(n, _TILDE, dtype=np.uint8)])
+    out = np.insert(marked, where, what)
+    # value i moves right by the "~" of the values up to it and two digits per escape before it
+    before = np.searchsorted(at, starts, side="left")
+    new_offsets = starts + np.arange(n + 1, dtype=np.int64) + 2 * before
     return pa.LargeStringArray.from_buffers(
         n, pa.py_buffer(new_offsets.tobytes()), pa.py_buffer(out.tobytes())
     )
