@@ -742,6 +742,7 @@ def write_result(inp: InputTable, rows: np.ndarray, dest: Path) -> int:
     if raw and not (rows < 0).any():  # every row is one of ours: copy the input's lines
         assert isinstance(source, csv_io.CsvSource)
         source.unchanged()
+        release_memory()  # what Arrow freed after the result check: numpy allocates apart
         starts = rawrows.line_starts(source.path, inp.rows)
         if starts is not None:
             count = rawrows.write_rows(source.path, starts, rows, dest)
