@@ -33,6 +33,13 @@ DUPLICATE_ENV = "PSI_BROKER_TEST_DUPLICATES"
 log = logging.getLogger("broker.dispatch")
 
 
+def _bump(counts: OrderedDict[str, int], session: str, by: int) -> None:
+    """Add ``by`` to a session's count; the least recently counted session goes first."""
+    counts[session] = counts.pop(session, 0) + by
+    if len(counts) > SESSIONS_COUNTED:
+        counts.popitem(last=False)
+
+
 class Dispatcher:
     """Routing, queues and counters of one broker."""
 
@@ -70,11 +77,12 @@ class Dispatcher:
         # Payload bytes carried per session (both ways), for a runner's stall detection;
         # bounded: the oldest session is forgotten first.
         self.session_bytes: OrderedDict[str, int] = OrderedDict()
+        # Pops asked per session since start: a runner sees whether SPU's link still polls
+        # its broker (it does every second while it lives). Bounded like session_bytes.
+        self.session_pops: OrderedDict[str, int] = OrderedDict()
 
     def count_session(self, session: str, size: int) -> None:
-        self.session_bytes[session] = self.session_bytes.pop(session, 0) + size
-        if len(self.session_bytes) > SESSIONS_COUNTED:
-            self.session_bytes.popitem(last=False)
+        _bump(self.session_bytes, session, size)
 
     def open_store(self) -> None:
         """Lock the durable store and queue again every message it holds (unconfirmed ones
@@ -266,6 +274,7 @@ class Dispatcher:
     async def pop(self, key: QueueKey, timeout_s: float, *, protocol: str) -> Message | None:
         """Take the next message of ``key``, waiting up to ``timeout_s``; None if none came."""
         started = time.monotonic()
+        _bump(self.session_pops, key.session, 1)
         message = await self.queues.pop(key, timeout_s)
         if message is not None:
             flow(
@@ -313,6 +322,7 @@ class Dispatcher:
                 del self.failures[key]
         if topic is None:
             self.session_bytes.pop(session, None)
+            self.session_pops.pop(session, None)
         flow(
             protocol,
             "RELEASE",

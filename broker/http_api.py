@@ -209,11 +209,11 @@ class HttpApi:
         return _answer(*self.d.release(_envelope(request), protocol=self.protocol))
 
     async def traffic(self, request: web.Request) -> web.Response:
-        """psi-run's addition: payload bytes carried on one session so far (both ways)."""
+        """psi-run's addition: payload bytes carried on one session so far (both ways), and
+        the pops asked on it since the broker started."""
         session = edge.name("session", request.query.get("session", ""))
-        return web.json_response(
-            {"session": session, "bytes": self.d.session_bytes.get(session, 0)}
-        )
+        bytes_, pops = self.d.session_bytes.get(session, 0), self.d.session_pops.get(session, 0)
+        return web.json_response({"session": session, "bytes": bytes_, "pops": pops})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response(

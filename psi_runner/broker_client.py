@@ -126,11 +126,19 @@ class BrokerClient:
     def session_traffic(self, session: str, timeout_s: float = 5.0) -> int:
         """Bytes the broker has carried on ``session`` so far, both ways (psi-run's own
         ``/v1/interconn/chan/traffic`` endpoint; raises ``OSError`` or ``ValueError``)."""
+        return self._session_count(session, "bytes", timeout_s)
+
+    def session_pops(self, session: str, timeout_s: float = 5.0) -> int:
+        """Pops asked on ``session`` since the broker started (same endpoint; ``ValueError``
+        from a broker too old to count them)."""
+        return self._session_count(session, "pops", timeout_s)
+
+    def _session_count(self, session: str, field: str, timeout_s: float) -> int:
         query = urllib.parse.urlencode({"session": session})
         with urlopen(self.url(f"{_CHAN}traffic?{query}"), timeout=timeout_s) as resp:
             doc = json.loads(resp.read().decode("utf-8"))
         try:
-            return int(doc["bytes"])
+            return int(doc[field])
         except (KeyError, TypeError) as exc:
             raise ValueError("not a traffic document") from exc
 

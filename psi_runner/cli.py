@@ -9,6 +9,7 @@ line, runs the job and maps an error to its exit code (declared in ``errors``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import NoReturn
 from .errors import EXIT_OK, EngineCrashed, Interrupted, PreflightError, PsiRunError, exit_codes
 from .events import Events
 from .progress import MODES, ProgressView
+from .relink import RELINKS_MAX
 
 log = logging.getLogger("psi_runner.cli")
 
@@ -143,7 +145,9 @@ def _preload(*modules: str) -> None:
     threading.Thread(target=load, daemon=True, name="preload").start()
 
 
-def _job_process(args: argparse.Namespace, console: Console, events: Events) -> int:
+def _job_process(
+    args: argparse.Namespace, console: Console, events: Events, *, relinks_left: int = 0
+) -> int:
     """The child: run the job; its exit code. All output goes through the log pump."""
     from . import interrupts
 
@@ -175,6 +179,7 @@ def _job_process(args: argparse.Namespace, console: Console, events: Events) -> 
             events=events,
             fresh=args.fresh,
             offline=args.offline,
+            relinks_left=relinks_left,
         )
         report = run.run()
     except PsiRunError as exc:
@@ -204,12 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         console.say(str(exc))
         return exc.exit_code
     console.say(f"log file {log_path}")
-    attempt = 1
+    attempt, stalls, relinks = 1, 0, 0
     while True:
         view = ProgressView(args.progress, console.err_fd)
         try:
             code = run_supervised(
-                lambda events: _job_process(args, console, events),
+                functools.partial(_job_process, args, console, relinks_left=RELINKS_MAX - relinks),
                 log_fd if attempt == 1 else _open_log(log_path),
                 on_event=view.on_event,
                 on_line=view.on_line,
@@ -224,11 +229,20 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
         finally:
             view.close()
-        if view.stalled_retries < attempt:
+        # Both sides saw it (or were told of it) and start again, with a new handshake.
+        if view.relinked and relinks < RELINKS_MAX:
+            relinks += 1
+            attempt += 1
+            console.say(
+                "starting the job again: SPU's link did not reconnect after a broker restart "
+                f"(automatic restart {relinks} of {RELINKS_MAX}, attempt {attempt})"
+            )
+        elif view.stalled_retries > stalls:
+            stalls += 1
+            attempt += 1
+            console.say(f"starting the job again after the stall (attempt {attempt})")
+        else:
             return code
-        # Both sides saw the stall (or were told of it) and start again, with a new handshake.
-        attempt += 1
-        console.say(f"starting the job again after the stall (attempt {attempt})")
 
 
 def _tell_peer_of_crash(args: argparse.Namespace, view: ProgressView, exc: EngineCrashed) -> None:

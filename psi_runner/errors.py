@@ -7,6 +7,7 @@
     ├── PeerError               the peer did not appear, failed or runs a different job (exit 4)
     ├── BackendError            SPU/SecretFlow failed during the PSI (exit 5)
     │   ├── Stalled             the PSI made no progress on either side (exit 5)
+    │   ├── LinkLost            SPU's link never reconnected to its restarted broker (exit 5)
     │   └── ResultsDisagree     the two parties' results differ; nothing written (exit 5)
     ├── EngineCrashed           the job process died by a signal, e.g. SPU's SIGABRT (exit 6)
     ├── OutputError             the result could not be written, e.g. a database table (exit 7)
@@ -165,6 +166,19 @@ class Stalled(BackendError):
     """The PSI made no progress on either side for ``stall_timeout_s``; both sides stop."""
 
     kind = "the PSI made no progress (stalled)"
+
+
+class LinkLost(BackendError):
+    """SPU's link stopped calling its broker although the broker answers again (a client that
+    never reconnected after a broker restart). ``restart``: both sides start the job again on
+    their own (``relink``); otherwise this ends the job."""
+
+    kind = "SPU's link did not reconnect to its broker"
+    final_kind = "SPU's link did not reconnect to its broker, no automatic restart left"
+
+    def __init__(self, *args: object, restart: bool = True, from_peer: bool = False) -> None:
+        super().__init__(*args, kind=None if restart else self.final_kind, from_peer=from_peer)
+        self.restart = restart
 
 
 class ResultsDisagree(BackendError):

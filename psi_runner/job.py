@@ -51,12 +51,13 @@ from .backends import BackendResult, backend_for
 from .backends import ub as ub_backend
 from .backends.calls import PsiCall
 from .checkpoint import NO_CHECKPOINT, Checkpoint
-from .errors import BackendError, Interrupted, PsiRunError, ResultsDisagree, Stalled
+from .errors import BackendError, Interrupted, LinkLost, PsiRunError, ResultsDisagree, Stalled
 from .events import Events
 from .handshake import Agreement, new_nonce
 from .link import blackbox_environment
 from .preflight import preflight
 from .progress import spu_stage_seconds
+from .relink import LinkMeter
 from .spec import JobSpec
 from .stall import StallMeter
 from .watchdog import JobWatchdog
@@ -83,6 +84,7 @@ class JobRun:
         events: Events | None = None,
         fresh: bool = False,
         offline: bool = False,
+        relinks_left: int = 0,
     ) -> None:
         self.spec = spec
         self.party = party
@@ -109,6 +111,7 @@ class JobRun:
         self._cleaned = False
         self._lock = threading.Lock()
         self.offline = offline  # --offline: build the unbalanced server's cache, no peer
+        self.relinks_left = relinks_left  # automatic restarts left for a link lost (relink)
         self.ub_plan: unbalanced.UbPlan | None = None  # an online unbalanced job's plan
         self.cleanups: list[Callable[[], None]] = []  # stage helpers' own, run at cleanup
         if offline:
@@ -189,6 +192,12 @@ class JobRun:
             exc = Interrupted("interrupted; no result was written")
             self._failed(name, exc)
             raise exc from None
+        except LinkLost as exc:  # the peer's link was lost: start again, or end here
+            ends = self._relink_or_end(exc)
+            self._failed(name, ends)
+            if ends is exc:
+                raise
+            raise ends from None
         except BaseException as exc:
             self._failed(name, exc)
             raise
@@ -199,7 +208,12 @@ class JobRun:
 
     def _failed(self, stage: str, exc: BaseException) -> None:
         log.info("%s: stage %s failed: %s", self.tag, stage, exc)
-        if stage == "psi" and self.resume and isinstance(exc, BackendError):
+        if (
+            stage == "psi"
+            and self.resume
+            and isinstance(exc, BackendError)
+            and not isinstance(exc, LinkLost)
+        ):
             # SPU failed on the resumed checkpoint: the next run must not try it again.
             assert self.checkpoint is not None
             self.checkpoint.remove()
@@ -384,6 +398,7 @@ class JobRun:
             self._stopped_by_watchdog,
             stall=stall,
             stall_timeout_s=spec.stall_timeout_s,
+            link=LinkMeter(me.broker, self.sessions, self.log_path),
         )
         with watchdog as self.watchdog:
             interrupts.set_hook(self._interrupted)
@@ -510,7 +525,25 @@ class JobRun:
         if isinstance(error, Stalled):
             self._announce("psi", error)
             self.events.emit("stalled", retries=self.spec.retries)
+        if isinstance(error, LinkLost):
+            error = self._relink_or_end(error)
+            self._announce("psi", error)
         self._stop_now(error)
+
+    def _relink_or_end(self, error: LinkLost) -> LinkLost:
+        """A lost SPU link: ask the CLI to start the job again (once per occurrence), or, with
+        no automatic restart left, the error that ends the job (its notice says so)."""
+        if not error.restart:
+            return error
+        if self.relinks_left > 0:
+            self.events.emit("relink")
+            return error
+        return LinkLost(
+            f"{error}; no result was written (psi-run had already started the job again "
+            "after this twice); run the job again",
+            restart=False,
+            from_peer=error.from_peer,
+        )
 
     def _interrupted(self) -> None:
         """From the signal thread, during the PSI."""

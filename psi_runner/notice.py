@@ -28,7 +28,7 @@ import time
 from broker import codes
 
 from .broker_client import BrokerClient
-from .errors import Interrupted, PeerError, PsiRunError, Stalled
+from .errors import Interrupted, LinkLost, PeerError, PsiRunError, Stalled
 from .joblock import BUSY_KIND
 from .spec import JobSpec
 
@@ -112,6 +112,11 @@ def peer_failed(spec: JobSpec, notice: dict) -> PsiRunError:
         return Stalled(
             f"job {spec.job_id}: {party} found that the PSI made no progress on either side "
             f"(stalled during {stage}){when}; it was stopped and no result was written"
+        )
+    if kind == LinkLost.kind:  # both sides start the job again (the CLI bounds how often)
+        return LinkLost(
+            f"job {spec.job_id}: {party}'s SPU link did not reconnect to {party}'s broker after "
+            f"it came back (during {stage}){when}; this attempt was stopped at both sides"
         )
     if kind == BUSY_KIND:
         return PeerError(

@@ -115,6 +115,7 @@ class ProgressView:
         self._next_live = 0.0
         self._live_shown = False
         self.stalled_retries = -1  # after a stall: the spec's retries (the CLI counts them)
+        self.relinked = False  # SPU's link was lost: the CLI starts the job again (relink)
         # Kept for the supervisor: what a notice needs if the job process dies.
         self.nonce = ""
         self.peer_nonce = ""
@@ -136,6 +137,8 @@ class ProgressView:
             self._on_stage(event)
         elif kind == "stalled":
             self.stalled_retries = int(event.get("retries") or 0)
+        elif kind == "relink":
+            self.relinked = True
 
     def on_line(self, line: bytes) -> None:
         if self.stage == "psi" and self.spu.feed(line):

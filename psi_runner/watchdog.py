@@ -6,8 +6,10 @@ ends the job with one readable line instead when
 
 * our own broker stays unreachable for ``broker_grace_s``;
 * the peer sends an abort notice (its side of the job failed);
-* the peer's heartbeats stop for ``peer_silence_s`` (its process died), or
-* neither side has made progress for ``stall_timeout_s`` (``stall``).
+* the peer's heartbeats stop for ``peer_silence_s`` (its process died),
+* neither side has made progress for ``stall_timeout_s`` (``stall``), or
+* SPU's link has stopped calling our broker although the broker answers (``link``: a client
+  that never reconnected after a broker restart; the job is then started again, ``relink``).
 
 Heartbeats and notices travel on the job's control channel and carry both handshake nonces,
 so messages of other runs are never taken for this peer's.
@@ -23,8 +25,9 @@ from collections.abc import Callable
 
 from . import notice
 from .broker_client import BROKER_GRACE_S, check_broker
-from .errors import PeerError, PreflightError, PsiRunError, Stalled
+from .errors import LinkLost, PeerError, PreflightError, PsiRunError, Stalled
 from .handshake import Agreement, control_channel
+from .relink import LinkMeter
 from .spec import JobSpec
 from .stall import StallMeter
 
@@ -46,6 +49,7 @@ class JobWatchdog:
         peer_silence_s: float | None = None,
         stall: StallMeter | None = None,
         stall_timeout_s: float = 0.0,
+        link: LinkMeter | None = None,
     ) -> None:
         if peer_silence_s is None:
             peer_silence_s = float(os.environ.get("PSI_RUN_PEER_SILENCE_S", "90"))
@@ -58,6 +62,7 @@ class JobWatchdog:
         self.peer_silence_s = peer_silence_s
         self.stall = stall
         self.stall_timeout_s = stall_timeout_s
+        self.link = link
         self.channel = control_channel(spec, me)
         self._stop = threading.Event()
         self._threads = [
@@ -110,12 +115,16 @@ class JobWatchdog:
                 except PreflightError as exc:
                     broker_down = broker_down or now
                     log.warning("broker check failed: %s", exc)
-                    if now - broker_down >= self.broker_grace_s:
-                        return self._fire(
-                            f"job {job}: the broker of {self.me} stopped answering during the "
-                            "PSI; the job was stopped and no result was written; restart the "
-                            "broker and run the job again"
-                        )
+                if self.link is not None:
+                    self.link.sample(broker_answers=broker_down is None)
+                    if self.link.lost():
+                        return self._fire(self._link_error())
+                if broker_down is not None and now - broker_down >= self.broker_grace_s:
+                    return self._fire(
+                        f"job {job}: the broker of {self.me} stopped answering during the "
+                        "PSI; the job was stopped and no result was written; restart the "
+                        "broker and run the job again"
+                    )
             if now - peer_seen > self.peer_silence_s:
                 return self._fire(
                     f"job {job}: no sign of {self.peer} for {self.peer_silence_s:.0f} s during "
@@ -150,4 +159,17 @@ class JobWatchdog:
             f"{self.stall_timeout_s:.0f} s (stalled in SPU stage {self.stall.stage()}); it was "
             "stopped and no result was written; run the job again (stall_timeout_s in the spec "
             "sets this limit)"
+        )
+
+    def _link_error(self) -> LinkLost:
+        assert self.link is not None
+        stage = "unknown"
+        if self.stall is not None:
+            self.stall.sample()  # not sampled when stall detection is off
+            stage = self.stall.stage()
+        return LinkLost(
+            f"job {self.spec.job_id}: {self.me}'s SPU link did not reconnect to its broker "
+            f"{self.spec.parties[self.me].broker} after the broker came back (no call from SPU "
+            f"for {self.link.silent_for():.0f} s while the broker answered; SPU stage {stage}); "
+            "this attempt was stopped at both sides"
         )
