@@ -118,6 +118,14 @@ def peer_failed(spec: JobSpec, notice: dict) -> PsiRunError:
             f"job {spec.job_id}: {party}'s SPU link did not reconnect to {party}'s broker after "
             f"it came back (during {stage}){when}; this attempt was stopped at both sides"
         )
+    if kind == LinkLost.final_kind:
+        return LinkLost(
+            f"job {spec.job_id}: {party}'s SPU link did not reconnect to {party}'s broker after "
+            f"it came back (during {stage}){when}, and no automatic restart was left; no result "
+            "was written; run the job again",
+            restart=False,
+            from_peer=True,
+        )
     if kind == BUSY_KIND:
         return PeerError(
             f"job {spec.job_id}: {party} refused to start another run of this job{when}: a run "

@@ -85,3 +85,21 @@ def test_a_released_session_or_a_broker_without_pop_counts_gives_no_verdict(brok
         clock.now += 2
         meter.sample(broker_answers=True)
     assert not meter.lost()
+
+
+def test_the_peer_is_told_whether_to_start_again_or_to_end_too():
+    from types import SimpleNamespace
+
+    from psi_runner import notice
+    from psi_runner.errors import LinkLost
+
+    spec = SimpleNamespace(job_id="t-001")
+    again = notice.failure_notice("alice", "psi", LinkLost("lost"), "n1", "n2")
+    told = notice.peer_failed(spec, again)
+    assert isinstance(told, LinkLost) and told.restart and told.exit_code == 5
+    assert "alice's SPU link did not reconnect" in str(told) and "during psi" in str(told)
+    final = notice.failure_notice("alice", "psi", LinkLost("lost", restart=False), "n1", "n2")
+    assert "lost" not in final["kind"]  # a notice carries a kind, never the message
+    told = notice.peer_failed(spec, final)
+    assert isinstance(told, LinkLost) and not told.restart and told.exit_code == 5
+    assert "no automatic restart was left" in str(told) and told.from_peer
