@@ -13,7 +13,7 @@ Both are injective: an encoded value starts with ``~``, which no plain value hol
 ``escape`` every ``~`` after the first starts an escape (a ``~`` of the value is escaped
 itself). ``escape`` keeps SPU's input about as long as the user's file: SPU sorts it with
 GNU sort, reads it bucket by bucket and copies its lines, so every byte counts (10M awkward
-keys: SPU's PSI call 34.0 s on hex keys against 28.1 s on the original file).
+keys: SPU's PSI call 32-34 s on hex keys against 28 s on the original file).
 
 Both parties must write the same code: each says in the handshake which codes it knows
 (``CODES``), and ``agreed_code`` picks ``escape`` only when both know it (a peer of an
