@@ -163,7 +163,7 @@ class _GrpcHop:
                 reply = await asyncio.wait_for(_exchange(call, body), timeout)
             except asyncio.TimeoutError:
                 self._drop(call)
-                raise _Unreachable("no answer on the relay stream in time") from None
+                raise _Unreachable("no answer on the relay stream in time", "timeout") from None
             except grpc.aio.AioRpcError as exc:
                 self._drop(call)
                 return self._stream_ended(exc.code(), exc.details())
@@ -172,7 +172,7 @@ class _GrpcHop:
                 raise _Stale(str(exc)) from None
             except asyncio.InvalidStateError:  # the peer had ended the stream (it stopped)
                 self._drop(call)
-                raise _Unreachable("the peer ended the relay stream") from None
+                raise _Unreachable("the peer ended the relay stream", "connection closed") from None
             if reply is grpc.aio.EOF:
                 self._drop(call)
                 return self._stream_ended(await call.code(), await call.details())
@@ -183,7 +183,8 @@ class _GrpcHop:
             self.streams = False
             return None
         if code in _STREAM_GONE:
-            raise _Unreachable(details or f"relay stream ended ({code.name})")
+            detail = details or f"relay stream ended ({code.name})"
+            raise _Unreachable(detail, reach.reason(detail))
         return [(codes.INTERNAL, f"gRPC {code.name}: {details}")]
 
     def _drop(self, call: grpc.aio.StreamStreamCall) -> None:
