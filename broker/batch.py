@@ -8,12 +8,9 @@ OK: the messages after it are neither answered nor stored, and the sender sends 
 in order. So a batch keeps each queue's order whatever happens to one of its messages.
 
 Served as ``POST <http.context.path>/interconn/chan/invoke-batch`` and as the gRPC method
-``/psirun.broker.Relay/invokeBatch`` (bytes in, bytes out). Over gRPC the same requests also
-go on one long-lived call, ``/psirun.broker.Relay/invokeBatchStream`` (a stream of request
-bodies, each answered in turn before the next is sent): a message on an open stream costs
-each broker about half the CPU of a call of its own. A peer that does not know them (OSX, an
-older psi-broker) answers 404 or UNIMPLEMENTED, and the sender falls back to one ``invoke``
-per message.
+``/psirun.broker.Relay/invokeBatch`` (bytes in, bytes out). A peer that does not know them
+(OSX, an older psi-broker) answers 404 or UNIMPLEMENTED, and the sender falls back to one
+``invoke`` per message.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ from .wire import varint
 HTTP_SUFFIX = "-batch"  # appended to a route's .../invoke URL
 GRPC_METHOD = "/psirun.broker.Relay/invokeBatch"
 GRPC_SERVICE = "psirun.broker.Relay"
-GRPC_STREAM_METHOD = "/psirun.broker.Relay/invokeBatchStream"
 MAX_BYTES = 1 << 20  # payload bytes of one batch (its first message may be larger)
 MAX_MESSAGES = 512
 

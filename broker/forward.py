@@ -94,21 +94,6 @@ def _batch_answer(body: bytes, sent: int) -> list[tuple[str, str]]:
     return answers
 
 
-# How a relay stream may end without answering: the peer stopped (it ends its streams with
-# OK or cancels them) or went away; the batch was not taken and is sent again.
-_STREAM_GONE = (
-    grpc.StatusCode.OK,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-)
-
-
-async def _exchange(call: grpc.aio.StreamStreamCall, body: bytes):
-    await call.write(body)
-    return await call.read()
-
-
 class _GrpcHop:
     def __init__(self, route: Route, max_message: int, window: int) -> None:
         options = [
@@ -138,59 +123,6 @@ class _GrpcHop:
             batch.GRPC_METHOD, request_serializer=None, response_deserializer=None
         )
         self.batches = True  # until the peer says it does not know the method
-        self.relay = self.channel.stream_stream(
-            batch.GRPC_STREAM_METHOD, request_serializer=None, response_deserializer=None
-        )
-        self.streams = True  # likewise for the relay stream
-        self._stream: grpc.aio.StreamStreamCall | None = None
-        self._stream_busy = asyncio.Lock()
-
-    async def send_stream(self, items: list[tuple[Envelope, bytes]], timeout: float):
-        """Answers to ``items`` sent as one batch on the hop's long-lived relay stream (see
-        broker.batch); None when another lane is using the stream (that lane's call goes
-        on its own) or the peer has no such method (then it is asked no more)."""
-        if not self.streams or self._stream_busy.locked():
-            return None
-        body = batch.encode_request([(env.headers(), payload) for env, payload in items])
-        async with self._stream_busy:
-            call = self._stream
-            if call is None or call.done():  # none yet, or the peer ended it since
-                try:
-                    call = self._stream = self.relay()
-                except grpc.aio.UsageError as exc:  # the channel was closed (stop, route edit)
-                    raise _Stale(str(exc)) from None
-            try:
-                reply = await asyncio.wait_for(_exchange(call, body), timeout)
-            except asyncio.TimeoutError:
-                self._drop(call)
-                raise _Unreachable("no answer on the relay stream in time", "timeout") from None
-            except grpc.aio.AioRpcError as exc:
-                self._drop(call)
-                return self._stream_ended(exc.code(), exc.details())
-            except grpc.aio.UsageError as exc:
-                self._drop(call)
-                raise _Stale(str(exc)) from None
-            except asyncio.InvalidStateError:  # the peer had ended the stream (it stopped)
-                self._drop(call)
-                raise _Unreachable("the peer ended the relay stream", "connection closed") from None
-            if reply is grpc.aio.EOF:
-                self._drop(call)
-                return self._stream_ended(await call.code(), await call.details())
-        return _batch_answer(reply, len(items))
-
-    def _stream_ended(self, code: grpc.StatusCode, details: str | None):
-        if code == grpc.StatusCode.UNIMPLEMENTED:
-            self.streams = False
-            return None
-        if code in _STREAM_GONE:
-            detail = details or f"relay stream ended ({code.name})"
-            raise _Unreachable(detail, reach.reason(detail))
-        return [(codes.INTERNAL, f"gRPC {code.name}: {details}")]
-
-    def _drop(self, call: grpc.aio.StreamStreamCall) -> None:
-        call.cancel()
-        if self._stream is call:
-            self._stream = None
 
     async def send_batch(self, items: list[tuple[Envelope, bytes]], timeout: float):
         """Answers to ``items`` sent in one call (see broker.batch); None when the peer
@@ -229,8 +161,6 @@ class _GrpcHop:
         return reply.code or codes.OK, reply.message
 
     async def close(self) -> None:
-        if self._stream is not None:
-            self._drop(self._stream)
         await self.channel.close()
 
 
@@ -416,9 +346,7 @@ class Forwarder:
             if route.token:
                 sent = [(replace(e, token=route.token), p) for e, p in items]
             answers = None
-            if isinstance(hop, _GrpcHop):
-                answers = await hop.send_stream(sent, self.call_timeout_s)
-            if answers is None and len(sent) > 1 and hop.batches:
+            if len(sent) > 1 and hop.batches:
                 answers = await hop.send_batch(sent, self.call_timeout_s)
             if answers is None:
                 answers = [await hop.send(*sent[0], self.call_timeout_s)]

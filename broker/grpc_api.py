@@ -13,7 +13,6 @@ recognises as a timeout.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -119,7 +118,6 @@ class _Protocol:
         self.d = d
         self.protocol = protocol
         self.edge = edge_
-        self.stopping = asyncio.Event()  # set when the broker stops: relay streams end
 
     async def _one(self, request: ptp_pb2.Inbound, env: Envelope, peer: str):
         code, message = await self.d.deliver(
@@ -139,35 +137,6 @@ class _Protocol:
         except edge.Refusal as exc:
             self.edge.refusals.refused(self.protocol, "invokeBatch", context.peer(), exc)
             return batch.encode_answer([(exc.code, exc.reason)])
-
-    async def invoke_batch_stream(self, request_iterator, context) -> None:
-        """Batches from another broker on one long-lived call, each answered before the next
-        is read. Ends when the broker stops: at once while waiting for the next batch, after
-        answering when one is being delivered (its sender then opens a new call)."""
-        reading = True
-
-        async def relay() -> None:
-            nonlocal reading
-            while not self.stopping.is_set():
-                body = await context.read()
-                if body is grpc.aio.EOF:
-                    return
-                reading = False
-                await context.write(await self.invoke_batch(body, context))
-                reading = True
-
-        work = asyncio.ensure_future(relay())
-        stop = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait((work, stop), return_when=asyncio.FIRST_COMPLETED)
-            if not work.done() and reading:
-                work.cancel()
-            await asyncio.wait((work,))
-        finally:
-            stop.cancel()
-            work.cancel()
-        if not work.cancelled() and work.exception() is not None:
-            raise work.exception()  # type: ignore[misc]
 
     async def transport(self, request_iterator, context) -> AsyncIterator[ptp_pb2.Outbound]:
         """One answer per message; a refused message does not end the stream."""
@@ -221,10 +190,8 @@ def add_services(
     d: Dispatcher,
     protocol: str = "grpc",
     refusals: RefusalLog | None = None,
-) -> Callable[[], None]:
-    """Serve both PTP services on ``server``, with request parsing that cannot fail; return
-    the function to call when the broker stops (it ends the other brokers' relay streams,
-    which would otherwise hold the server's graceful stop for its whole grace period)."""
+) -> None:
+    """Serve both PTP services on ``server``, with request parsing that cannot fail."""
     edge_ = _Edge(d, protocol, refusals or RefusalLog())
     proto, trans = _Protocol(d, protocol, edge_), _Transport(d, protocol)
     out, tout = ptp_pb2.Outbound, ptp_pb2.TransportOutbound
@@ -253,10 +220,7 @@ def add_services(
     relay_methods = {
         "invokeBatch": grpc.unary_unary_rpc_method_handler(
             proto.invoke_batch, request_deserializer=None, response_serializer=None
-        ),
-        "invokeBatchStream": grpc.stream_stream_rpc_method_handler(
-            proto.invoke_batch_stream, request_deserializer=None, response_serializer=None
-        ),
+        )
     }
     handlers = [
         grpc.method_handlers_generic_handler(_PROTOCOL, protocol_methods),
@@ -265,7 +229,6 @@ def add_services(
     if d.cfg.invoke_batch_enabled:  # otherwise UNIMPLEMENTED, as OSX answers it
         handlers.append(grpc.method_handlers_generic_handler(batch.GRPC_SERVICE, relay_methods))
     server.add_generic_rpc_handlers(tuple(handlers))
-    return proto.stopping.set
 
 
 def server_options(d: Dispatcher) -> list[tuple[str, int]]:

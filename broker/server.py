@@ -51,7 +51,6 @@ class Broker:
         self._runners: list[web.AppRunner] = []
         self._sites: list[web.TCPSite] = []
         self._grpc: grpc.aio.Server | None = None
-        self._end_relay_streams = lambda: None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self.refusals = RefusalLog()
@@ -65,7 +64,7 @@ class Broker:
         tls_host = cfg.tls_bind_host or host  # tls.bind.host: only the TLS ports face outside
         logging.getLogger(_GRPC_LOGGER).addFilter(self._grpc_filter)
         server = grpc.aio.server(options=server_options(self.dispatcher))
-        self._end_relay_streams = add_services(server, self.dispatcher, refusals=self.refusals)
+        add_services(server, self.dispatcher, refusals=self.refusals)
         port = _bind(server.add_insecure_port, host, cfg.grpc_port, "grpc.port")
         self.addresses["grpc"] = f"{host}:{port}"
         if cfg.open_grpc_tls_server:
@@ -162,7 +161,6 @@ class Broker:
             for site in self._sites:
                 await site.stop()  # closes the listening socket; open connections stay
             # gRPC refuses new calls once stop() runs and cancels the calls left after the grace.
-            self._end_relay_streams()
             draining = [asyncio.ensure_future(self._grpc.stop(GRACE_S))] if self._grpc else []
             self.dispatcher.queues.close()  # long-polling pops answer "no message" now
             # A runner waits up to its shutdown_timeout (GRACE_S) for handlers, then cancels them.
