@@ -3,7 +3,8 @@
 A message lost between the brokers, or SPU waiting on itself (its ECDH stall), leaves both
 runners alive, heartbeats flowing, until SPU's receive timeout (20 minutes by default). The
 watchdog therefore measures progress on each side: new lines in SPU's log (its stage marks,
-buckets, batches; repeated lines do not count, the log pump drops them) and bytes that the
+buckets, batches; repeated lines do not count, the log pump drops them; nor do warnings and
+errors, which flood while a client retries a link that does not move) and bytes that the
 party's broker carried on the PSI's link session. Heartbeats carry each side's idle time, so
 both sides know whether *either* moved; when neither has for ``stall_timeout_s``, the job is
 stopped on both sides with the SPU stage it stalled in.
@@ -11,11 +12,27 @@ stopped on both sides with the SPU stage it stalled in.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
 from .broker_client import BrokerClient
 from .progress import SpuProgress
+
+# Lines that say something is wrong rather than that something moved: glog's W/E/F lines
+# (brpc), spdlog's warning/error lines (SPU, yacl: "Not connected ... yet", send retries),
+# psi-run's own WARNING and ERROR lines and the log pump's note on dropped repeats.
+_NOT_PROGRESS = re.compile(
+    rb"^\s*(?:[WEF]\d{4} "
+    rb"|\[[^\]]*\] \[(?:warning|error|critical)\] "
+    rb"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (?:WARNING|ERROR|CRITICAL) "
+    rb"|\[psi-run\] the line above repeated)"
+)
+
+
+def is_progress(line: bytes) -> bool:
+    """Whether a new line of the job's log counts as this side moving."""
+    return bool(line.strip()) and _NOT_PROGRESS.match(line) is None
 
 
 class StallMeter:
@@ -77,7 +94,7 @@ class StallMeter:
         self._offset += complete if complete else len(data)
         for line in data[:complete].splitlines():
             self.spu.feed(line)
-            moved = moved or bool(line.strip())
+            moved = moved or is_progress(line)
         return moved
 
     def _session_traffic(self) -> int:

@@ -158,3 +158,33 @@ def test_a_frozen_peer_is_caught_as_a_stall(tmp_path):
         pytest.skip("the PSI finished before bob was frozen")
     assert alice.returncode == 5, err
     assert "made no progress on either side for 6 s (stalled in SPU stage" in err, err
+
+
+def test_a_flood_of_link_warnings_is_not_progress_but_a_stage_line_is(tmp_path):
+    """A client retrying a link that does not move writes a line every second; a stall must
+    still be seen through them, while SPU's own stage and bucket lines keep the job alive."""
+    from psi_runner.stall import StallMeter
+
+    log = tmp_path / "job.log"
+    log.write_bytes(b"")
+    # No broker on this port: traffic is unknown and never counts as movement.
+    meter = StallMeter(log, "127.0.0.1:9", "s1")
+    meter.own_active -= 100
+    flood = [
+        b"W1203 05:46:36.901234 4321 socket.cpp:2466] Fail to connect Socket{id=0 addr=...}",
+        b"E1203 05:46:37.001234 4321 channel.cpp:612] Not connected to 127.0.0.1:9380 yet",
+        b"[2026-12-03 05:46:37.100] [warning] [channel.cc:417] send failed, retry 7 of 60",
+        b"[2026-12-03 05:46:37.200] [error] [brpc_blackbox_link.cc:190] push failed: [112]",
+        b"2026-12-03 05:46:38,000 WARNING psi_runner.peer_reach: job j party alice: ...",
+        b"[psi-run] the line above repeated 40 more times (digits aside)",
+        b"",
+    ]
+    with open(log, "ab") as fh:
+        fh.write(b"\n".join(flood) + b"\n")
+    meter.sample()
+    assert meter.own_idle_s() >= 100
+    with open(log, "ab") as fh:
+        fh.write(b"[2026-12-03 05:46:39.000] [info] [rr22.cc:12] [Rr22PsiReceiver::Online] start\n")
+    meter.sample()
+    assert meter.own_idle_s() < 5
+    assert meter.stage() == "Online"
