@@ -112,6 +112,7 @@ class JobRun:
         self._lock = threading.Lock()
         self.offline = offline  # --offline: build the unbalanced server's cache, no peer
         self.relinks_left = relinks_left  # automatic restarts left for a link lost (relink)
+        self.key_code = keycode.HEX  # how non-plain keys go to SPU: agreed in the handshake
         self.ub_plan: unbalanced.UbPlan | None = None  # an online unbalanced job's plan
         self.cleanups: list[Callable[[], None]] = []  # stage helpers' own, run at cleanup
         if offline:
@@ -283,7 +284,8 @@ class JobRun:
         if self.spec.unbalanced:  # before any SPU link: both refuse an unusable cache alike
             theirs = agreed.peer_cache or {}
             self.ub_plan = unbalanced.agree(self.spec, self.party, ub_offer, theirs, ub_detail)
-        self._agree_on_resume(mine, agreed.peer_checkpoint or {}, self._key_code(agreed))
+        self.key_code = self._key_code(agreed)
+        self._agree_on_resume(mine, agreed.peer_checkpoint or {}, self.key_code)
         return agreed
 
     def _key_code(self, agreed: Agreement) -> str:
@@ -349,7 +351,7 @@ class JobRun:
         if self.checkpoint is not None:
             if not self.resume:
                 self.checkpoint.start(self.spec, self._input_digest, run=agreed.session,
-                                      key_code=self._key_code(agreed))  # fmt: skip
+                                      key_code=self.key_code)  # fmt: skip
             folder, recovery = self.checkpoint.folder, self.checkpoint.spu_folder
         out = folder / "spu_output.csv"
         if inp.plain and inp.keys_quoted and agreed.peer_keys_form != "quoted":
@@ -371,7 +373,7 @@ class JobRun:
             inp.release()  # SPU's output is the result: our copy of the rows is not needed
             return PsiCall(inp.path, out, self.spec.keys,
                            scratch=folder, recovery_folder=recovery)  # fmt: skip
-        data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv", self._key_code(agreed))
+        data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv", self.key_code)
         inp.spill(self.work)  # the keys wait on disk while SPU runs; Arrow gives memory back
         return PsiCall(folder / "spu_input.csv", out, (data.KEY_COLUMN,),
                        scratch=folder, recovery_folder=recovery)  # fmt: skip

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .broker_client import BrokerClient
+from .stall import file_size
 
 # A healthy link pops every second or so; brpc revives a restarted broker's address within
 # about 3 s of its return. Ten seconds of silence from SPU while the broker answers is neither.
@@ -53,7 +54,7 @@ class LinkMeter:
         self.after_s = after_s
         self.clock = clock
         self.log_path = log_path
-        self._offset = _size(log_path) if log_path is not None else 0
+        self._offset = file_size(log_path) if log_path is not None else 0
         self._pops: int | None = None  # at the last sample that could read them
         self._seen = False  # SPU's link has polled at least once: it exists
         self._moved = clock()  # last time the count changed (a restarted broker counts anew)
@@ -95,7 +96,7 @@ class LinkMeter:
         """Whether SPU's log (from where it stood at the start) shows its blackbox link."""
         if self.log_path is None:
             return False
-        size = _size(self.log_path)
+        size = file_size(self.log_path)
         if size <= self._offset:
             return False
         try:
@@ -107,10 +108,3 @@ class LinkMeter:
         keep = len(_LINK_MARK) - 1  # a mark cut at the end of this read is found next time
         self._offset += max(len(data) - keep, 0)
         return _LINK_MARK in data
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0

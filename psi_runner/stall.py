@@ -47,7 +47,7 @@ class StallMeter:
         now = time.monotonic()
         self.own_active = now
         self.peer_active = now
-        self._offset = _size(log_path)
+        self._offset = file_size(log_path)
         self._traffic = -1
 
     def sample(self) -> None:
@@ -80,7 +80,7 @@ class StallMeter:
         return self.spu.stage or "start-up"
 
     def _read_log(self) -> bool:
-        size = _size(self.log_path)
+        size = file_size(self.log_path)
         if size <= self._offset:
             return False
         moved = False
@@ -104,7 +104,8 @@ class StallMeter:
             return self._traffic
 
 
-def _size(path: Path) -> int:
+def file_size(path: Path) -> int:
+    """Size of a log file; 0 while it does not exist."""
     try:
         return path.stat().st_size
     except OSError:
