@@ -143,3 +143,46 @@ def test_a_crashed_job_process_is_announced_by_its_parent(tmp_path, pair):
     line = _last_line(bob_err)
     assert "alice failed during handshake" in line and "the PSI engine crashed" in line, bob_err
     assert time.monotonic() - started < 15
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def test_a_crash_of_spus_own_process_ends_both_sides_and_leaves_nothing(tmp_path, pair):
+    """The PSI runs in a child of the job process (its memory goes with it). SIGABRT there, as
+    an SPU CHECK failure does, mid-PSI: alice ends with exit 6 and the engine-crash line, bob
+    is told within seconds, and neither leaves a result or a work folder behind (only its
+    private checkpoint)."""
+    ids = [f"id{i:07d}" for i in range(400_000)]
+    write_csv(tmp_path / "data/alice.csv", {"uid": ids[:300_000]})
+    write_csv(tmp_path / "data/bob.csv", {"uid": ids[100_000:]})
+    spec = write_spec(tmp_path, pair, job_id="ff-spu-crash", timeout_s=120)
+    alice, bob = _start(spec, "alice"), _start(spec, "bob")
+    spu = []
+
+    def spu_started() -> bool:  # runner -> job process -> SPU's process
+        spu[:] = [c for job in _children(alice.pid) for c in _children(job)]
+        return bool(spu)
+
+    assert wait_for(spu_started, 60), "alice's SPU process never started"
+    os.kill(spu[0], signal.SIGABRT)
+    killed = time.monotonic()
+    _, alice_err = alice.communicate(timeout=60)
+    _, bob_err = bob.communicate(timeout=60)
+    assert alice.returncode == 6, alice_err
+    assert "the PSI engine crashed (SIGABRT); no result was written" in _last_line(alice_err)
+    assert bob.returncode == 4, bob_err
+    assert "alice failed during psi" in _last_line(bob_err), bob_err
+    assert time.monotonic() - killed < 20
+    assert "Traceback" not in alice_err + bob_err
+    assert not list((tmp_path / "out").glob("*_psi.csv"))
+    left = list(tmp_path.rglob(".psi-run-*"))
+    # only the checkpoints, kept private for a rerun to resume from (``test_resume``)
+    assert sorted(p.name for p in left) == [
+        f".psi-run-{p}-ff-spu-crash.ckpt" for p in ("alice", "bob")
+    ]
+    assert all(p.stat().st_mode & 0o777 == 0o700 for p in left)
