@@ -11,6 +11,12 @@ Rank 0 is alice (the receiver), rank 1 is bob; the result is broadcast to both. 
 the same tuned settings as psi-run (retries, timeouts). The PsiConfig is the one psi-run builds
 (skip_duplicates_check=True, since psi-run checks duplicates itself in its preflight) unless
 --dup-check is given. The last stdout line is a JSON document with the timings.
+
+With ``--broker HOST:PORT --session ID`` (instead of ``--ports``) the same PSI call goes through
+SPU's blackbox link and the party's own psi-broker, built as psi-run builds it (the default link
+settings of a job spec, the session id as link id and trace id, a barrier once the link is up),
+but with no psi-run around it (bench_psi.py's variant (c)). Both parties give the same fresh
+session id; at the end each drops the session's queues at its broker, as psi-run does.
 """
 
 from __future__ import annotations
@@ -22,8 +28,15 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import fields
+from typing import Any
 
 PARTIES = ("alice", "bob")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A blackbox link, once closed, is kept until the process ends with os._exit, as psi-run's
+# embedded backend does: dropping it waits for its receive thread's pending pop at the broker.
+_CLOSED_LINKS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         required=True,
         help="0 = alice (receiver), 1 = bob (sender)",
     )
-    ap.add_argument("--ports", required=True, help="alice's and bob's link ports, e.g. 61001,61002")
+    ap.add_argument("--ports", help="alice's and bob's link ports, e.g. 61001,61002")
+    ap.add_argument(
+        "--broker",
+        help="this party's broker (host:port of its HTTP PTP port, as in a psi-run spec): "
+        "link through the brokers instead of a direct brpc link",
+    )
+    ap.add_argument("--session", help="the link's session id with --broker, the same at both")
     ap.add_argument("--input", required=True, help="absolute path of this party's CSV")
     ap.add_argument("--output", required=True, help="absolute path of this party's result CSV")
     ap.add_argument("--protocol", default="RR22", choices=("RR22", "KKRT", "ECDH"))
@@ -48,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         help="let SPU check the keys for duplicates (psi-run skips it in SPU)",
     )
     args = ap.parse_args(argv)
+    if args.broker is None and args.session is None:
+        if args.ports is None:
+            ap.error("give --ports, or --broker and --session")
+    elif args.broker is None or args.session is None or args.ports is not None:
+        ap.error("--broker and --session go together, without --ports")
     # SPU's scratch (sorted input, buckets: copies of the party's data) goes to TMPDIR and its
     # trace file to /tmp unless told otherwise: both go to a private folder, removed at the end.
     scratch = tempfile.mkdtemp(
@@ -55,9 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ["TMPDIR"] = scratch
     try:
-        return _run(args, ap, t_start, scratch)
+        code = _run(args, ap, t_start, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if _CLOSED_LINKS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _run(
@@ -67,25 +96,31 @@ def _run(
     from spu import psi
     from spu import psi_v2_pb2 as v2
 
-    ports = [int(p) for p in args.ports.split(",")]
-    if len(ports) != 2:
-        ap.error("--ports needs two ports")
-    t_import = time.monotonic()
+    if args.broker is not None:
+        connect = _broker_link(args.broker, args.session, PARTIES[args.rank])
+        t_import = time.monotonic()
+        t0 = time.monotonic()
+        lctx = connect()
+    else:
+        ports = [int(p) for p in args.ports.split(",")]
+        if len(ports) != 2:
+            ap.error("--ports needs two ports")
+        t_import = time.monotonic()
 
-    desc = link.Desc()
-    desc.id = args.link_id
-    for name, port in zip(PARTIES, ports):
-        desc.add_party(name, f"127.0.0.1:{port}")
-    desc.connect_retry_times = 60
-    desc.connect_retry_interval_ms = 1000
-    desc.recv_timeout_ms = 1_200_000
-    desc.http_timeout_ms = 1_200_000
-    # As psi-run: SPU's default send window (10) can deadlock a PSI (seen here on this very
-    # direct link: both processes idle, connected, until the receive timeout).
-    desc.throttle_window_size = 0
+        desc = link.Desc()
+        desc.id = args.link_id
+        for name, port in zip(PARTIES, ports):
+            desc.add_party(name, f"127.0.0.1:{port}")
+        desc.connect_retry_times = 60
+        desc.connect_retry_interval_ms = 1000
+        desc.recv_timeout_ms = 1_200_000
+        desc.http_timeout_ms = 1_200_000
+        # As psi-run: SPU's default send window (10) can deadlock a PSI (seen here on this very
+        # direct link: both processes idle, connected, until the receive timeout).
+        desc.throttle_window_size = 0
 
-    t0 = time.monotonic()
-    lctx = link.create_brpc(desc, args.rank)
+        t0 = time.monotonic()
+        lctx = link.create_brpc(desc, args.rank)
     t1 = time.monotonic()
     receiver = args.rank == 0
     cfg = v2.PsiConfig(
@@ -107,6 +142,11 @@ def _run(
     report = psi.psi(cfg, lctx)
     t2 = time.monotonic()
     lctx.stop_link()
+    if args.broker is not None:
+        from psi_runner.broker_client import release_session
+
+        _CLOSED_LINKS.append(lctx)
+        release_session(args.broker, args.session, PARTIES[args.rank])
     print(
         json.dumps(
             {
@@ -124,6 +164,28 @@ def _run(
         flush=True,
     )
     return 0
+
+
+def _broker_link(broker: str, session: str, party: str) -> Callable[[], Any]:
+    """A function that makes SPU's blackbox link through ``broker`` as psi-run's embedded
+    backend makes it (psi_runner is imported now, so that the link's time is the link's)."""
+    sys.path.insert(0, REPO)  # this checkout's psi_runner, as bench_psi.py's
+    from psi_runner.link import blackbox_environment, create_blackbox_link
+    from psi_runner.spec import JobSpec
+
+    # A spec without ``link:`` (bench_psi.py's) gets JobSpec's default settings.
+    settings = next(f for f in fields(JobSpec) if f.name == "link").default_factory()
+    parties = list(PARTIES)
+    env = blackbox_environment(broker, parties, session, trace_id=session)
+
+    def connect():
+        lctx = create_blackbox_link(settings, parties, party, session, env)
+        # As psi-run: SPU's PSI connects to the mesh again, and yacl drops a second connect
+        # test message that arrives while the first is unread (both sides then wait for good).
+        lctx.barrier()
+        return lctx
+
+    return connect
 
 
 if __name__ == "__main__":

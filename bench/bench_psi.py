@@ -6,7 +6,10 @@ one process so that machine noise hits both alike:
   (a) the product: two ``psi-broker`` processes routed to each other (gRPC or HTTP route)
       and ``psi-run SPEC --party alice`` / ``--party bob``;
   (b) the baseline: two processes of ``bench/bare_psi.py``, each one SPU PSI v2 call on a
-      direct brpc link between 127.0.0.1 ports (no broker, no psi-run).
+      direct brpc link between 127.0.0.1 ports (no broker, no psi-run);
+  (c) with ``--bare-brokers``: the same ``bare_psi.py`` call on SPU's blackbox link through two
+      brokers started as (a)'s are (same route, same link settings as psi-run), so that (a)/(c)
+      is psi-run's own cost and (c)/(b) the transport's.
 
 ``--shards 1,2,4`` runs (a) once per shard count (``shards: K`` in the spec, ``K=`` in the
 label); peak RSS then also gives the sum over each party's processes (its K SPU processes peak
@@ -207,18 +210,18 @@ def _same_ids(got: pa.Array, expected: np.ndarray) -> bool:
 @dataclass
 class Run:
     round: int
-    variant: str  # "a:grpc", "a:http" or "b"
+    variant: str  # "a:grpc", "a:http", "c:grpc", "c:http" or "b" (see variant_label)
     wall_s: float
     psi_s: float
     link_s: float
     rows: tuple[int, int]
     stages: dict[str, float] = field(default_factory=dict)  # max over parties, (a) only
     proc_s: float = 0.0  # in-process total_s reported by the parties (max of the two)
-    setup_s: float = 0.0  # brokers' start (a) / nothing (b); not part of wall_s
+    setup_s: float = 0.0  # brokers' start (a, c) / nothing (b); not part of wall_s
     rss: tuple[int, int] = (0, 0)  # peak RSS (bytes) of each party's largest process
     rss_sum: tuple[int, int] = (0, 0)  # the sum of the peaks of each party's processes
     # Each party's own stage seconds (alice, bob): the report's ``seconds`` (a) or bare_psi's
-    # (b), SPU's stages from its log as ``spu:<stage>``, and ``rest_s`` (wall - total_s).
+    # (b, c), SPU's stages from its log as ``spu:<stage>``, and ``rest_s`` (wall - total_s).
     parts: tuple[dict[str, float], ...] = ()
 
     @property
@@ -227,10 +230,12 @@ class Run:
 
 
 def variant_label(variant: str) -> str:
-    """ "b" is bare SPU; "a:<route>" psi-run (embedded); "a-<backend>:<route>" other backends;
-    "/K" after the route: ``shards: K``."""
+    """ "b" is bare SPU; "c:<route>" bare SPU through the brokers; "a:<route>" psi-run
+    (embedded); "a-<backend>:<route>" other backends; "/K" after the route: ``shards: K``."""
     if variant == "b":
         return "bare SPU"
+    if variant.startswith("c:"):
+        return f"bare SPU+brokers({variant_route(variant)})"
     kind, route = variant.split(":")
     backend = kind[2:] if kind.startswith("a-") else ""
     shards = f" K={variant_shards(variant)}" if "/" in route else ""
@@ -242,6 +247,11 @@ def variant_name(backend: str, route: str, shards: int = 1) -> str:
     with "/K" for ``shards: K`` > 1."""
     name = f"a:{route}" if backend == "embedded" else f"a-{backend}:{route}"
     return name + (f"/{shards}" if shards > 1 else "")
+
+
+def is_bare(variant: str) -> bool:
+    """Whether ``variant`` is bare SPU: (b) on a direct link or (c) through the brokers."""
+    return variant == "b" or variant.startswith("c:")
 
 
 def variant_route(variant: str) -> str:
@@ -408,18 +418,67 @@ def run_bare(
     rnd: int, data: Dataset, run_dir: Path, protocol: str, timeout_s: float, dup_check: bool
 ) -> Run:
     """(b): two bare SPU processes on a direct brpc link; wall time of both."""
-    who = f"round {rnd} (b) bare SPU"
+    ports = ",".join(map(str, free_ports(2)))
+    link = ["--ports", ports, "--link-id", f"bench-{rnd}"]
+    return _bare_pair(
+        "b", rnd, data, run_dir, protocol, timeout_s, dup_check, (link, link), f"round {rnd} (b)"
+    )
+
+
+def run_bare_brokers(
+    rnd: int,
+    session: str,
+    route: str,
+    data: Dataset,
+    run_dir: Path,
+    protocol: str,
+    timeout_s: float,
+    dup_check: bool,
+) -> Run:
+    """(c): two routed brokers started as (a)'s are, then two bare SPU processes whose blackbox
+    link goes through them (session ``session``); wall time of both, brokers' start not in it."""
+    t = time.monotonic()
+    brokers = start_pair(run_dir / "brokers", protocol=route)
+    setup_s = time.monotonic() - t
+    try:
+        links = tuple(["--broker", b.http, "--session", session] for b in brokers)
+        cpu0 = [_cpu_s(b.proc) for b in brokers]
+        run = _bare_pair(
+            f"c:{route}", rnd, data, run_dir, protocol, timeout_s, dup_check, links,
+            f"round {rnd} (c)",
+        )  # fmt: skip
+        broker_cpu = [_cpu_s(b.proc) - c for b, c in zip(brokers, cpu0)]
+    finally:
+        for b in brokers:
+            b.stop()
+    for part, cpu in zip(run.parts, broker_cpu):
+        part["broker_cpu_s"] = cpu
+    run.setup_s = setup_s
+    return run
+
+
+def _bare_pair(
+    variant: str,
+    rnd: int,
+    data: Dataset,
+    run_dir: Path,
+    protocol: str,
+    timeout_s: float,
+    dup_check: bool,
+    links: tuple[list[str], ...],
+    where: str,
+) -> Run:
+    """Both parties' ``bare_psi.py`` with their link options ``links``; outputs checked."""
+    who = f"{where} {variant_label(variant)}"
     out = run_dir / "out"
     out.mkdir(parents=True, exist_ok=True)
-    ports = ",".join(map(str, free_ports(2)))
     cmds = [
         [
             sys.executable,
             str(BARE),
             "--rank",
             str(rank),
-            "--ports",
-            ports,
+            *link,
             "--input",
             str(data.paths[party]),
             "--output",
@@ -428,11 +487,9 @@ def run_bare(
             protocol,
             "--key",
             KEY,
-            "--link-id",
-            f"bench-{rnd}",
             *(["--dup-check"] if dup_check else []),
         ]
-        for rank, party in enumerate(PARTIES)
+        for rank, (party, link) in enumerate(zip(PARTIES, links))
     ]
     # Files, not pipes: SPU logs to stdout and stderr, and a pipe that is not drained while
     # the other party's is read (communicate() one process after the other) fills up and
@@ -498,7 +555,7 @@ def run_bare(
         for rep, (_code, o, e) in zip(reports, results)
     )
     return Run(
-        rnd, "b", wall, psi_s, link_s, tuple(rows), proc_s=proc_s, rss=_rss(mem),
+        rnd, variant, wall, psi_s, link_s, tuple(rows), proc_s=proc_s, rss=_rss(mem),
         rss_sum=_rss_sum(mem), parts=parts,
     )  # fmt: skip
 
@@ -558,6 +615,9 @@ def _mb(n: float) -> str:
 def row_line(r: Run, pos: int) -> str:
     if r.variant == "b":
         prep = out = brk = "-"
+    elif is_bare(r.variant):
+        prep = out = "-"
+        brk = f"{r.setup_s:.2f}"
     else:
         prep = f"{r.stages['preflight_s'] + r.stages['prepare_s']:.2f}"
         out = f"{r.stages['output_s']:.2f}"
@@ -615,8 +675,22 @@ def summary(runs: list[Run], variants: list[str]) -> list[str]:
             f"  (for information: ratio of median (wall_s - link_s): {rx:.2f}; "
             "bare SPU's link_s includes waiting out brpc connect retries)"
         )
+        if is_bare(v):
+            lines.append(f"  (the transport's cost: SPU's link through the {variant_route(v)} "
+                         "brokers against a direct one)")  # fmt: skip
+            continue
         verdict = "met" if rw <= TARGET_RATIO else "NOT met"
         lines.append(f"target wall ratio <= {TARGET_RATIO} ({variant_label(v)}): {verdict}")
+        same = f"c:{variant_route(v)}"
+        if same in med:
+            lines.append(
+                f"ratio wall {variant_label(v)} / {variant_label(same)}: "
+                f"{med[v]['wall'] / med[same]['wall']:.2f}  (psi-run's own cost, same transport)"
+            )
+            lines.append(
+                f"ratio psi call {variant_label(v)} / {variant_label(same)}: "
+                f"{med[v]['psi'] / med[same]['psi']:.2f}"
+            )
     lines.append("")
     lines.append(
         "peak RSS of each party's largest process, median, MB (alice/bob); "
@@ -653,7 +727,7 @@ def stage_breakdown(runs: list[Run], variants: list[str]) -> list[str]:
         "party's broker's CPU during the run"
     ]
     cols = [(v, i) for v in variants for i in range(len(PARTIES))]
-    short = {v: "bare" if v == "b" else variant_label(v).replace("+brokers", "") for v in variants}
+    short = {v: _short_label(v) for v in variants}
     head = "".join(f"{(short[v] + ' ' + PARTIES[i])[-23:]:>24}" for v, i in cols)
     lines.append(f"  {'stage':<16}{head}")
     for stage in STAGES:
@@ -669,6 +743,15 @@ def stage_breakdown(runs: list[Run], variants: list[str]) -> list[str]:
         if seen:
             lines.append(f"  {stage:<16}" + "".join(f"{c:>24}" for c in cells))
     return lines
+
+
+def _short_label(variant: str) -> str:
+    """The breakdown's column title (23 characters with the party's name)."""
+    if variant == "b":
+        return "bare"
+    if is_bare(variant):
+        return f"bare+brk({variant_route(variant)})"
+    return variant_label(variant).replace("+brokers", "")
 
 
 def result_rows(runs: list[Run], variants: list[str], rows: int, keys: str) -> list[str]:
@@ -740,6 +823,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="(b) lets SPU check for duplicate keys (psi-run skips that check in "
         "SPU because its preflight does it); default: same PsiConfig as psi-run",
     )
+    ap.add_argument(
+        "--bare-brokers",
+        action="store_true",
+        help="add (c) to every round, per route: bare_psi.py's SPU call on SPU's blackbox "
+        "link through two brokers (as psi-run's link), to tell psi-run's own cost from the "
+        "transport's; rounds then rotate the order of the variants",
+    )
     args = ap.parse_args(argv)
     if args.rows < 2 or args.rounds < 1:
         ap.error("--rows must be >= 2 and --rounds >= 1")
@@ -768,7 +858,8 @@ def print_job(args: argparse.Namespace) -> None:
     print(
         f"== job: {args.protocol}, {args.rows} x {args.rows} rows, {args.keys} keys, 50% overlap, "
         f"{args.rounds} round(s), routes {', '.join(args.routes)}; "
-        f"(b) dup check in SPU: {'yes' if args.bare_dup_check else 'no (as psi-run)'}"
+        f"(b{', c' if args.bare_brokers else ''}) dup check in SPU: "
+        f"{'yes' if args.bare_dup_check else 'no (as psi-run)'}"
     )
 
 
@@ -801,8 +892,13 @@ def run_round(
     runs_root: Path,
     ray_addresses: dict[str, str],
 ) -> list[Run]:
-    """Every variant once, printing a row per run; a, b in odd rounds, b, a in even ones."""
-    order = variants if rnd % 2 == 1 else list(reversed(variants))
+    """Every variant once, printing a row per run; a, b in odd rounds, b, a in even ones, or
+    with ``--bare-brokers`` the order rotated by one each round (a, c, b; c, b, a; b, a, c)."""
+    if args.bare_brokers:
+        turn = (rnd - 1) % len(variants)
+        order = variants[turn:] + variants[:turn]
+    else:
+        order = variants if rnd % 2 == 1 else list(reversed(variants))
     labels = " -> ".join(variant_label(v) for v in order)
     print(f"\n== round {rnd}/{args.rounds}: order {labels}", flush=True)
     print(HEADER)
@@ -811,7 +907,7 @@ def run_round(
         run_dir = runs_root / f"r{rnd}-{v.replace(':', '-')}"
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        r = run_variant(v, rnd, args, data, run_dir, ray_addresses)
+        r = run_variant(v, rnd, pos, args, data, run_dir, ray_addresses)
         runs.append(r)
         print(row_line(r, pos), flush=True)
         if not args.keep:
@@ -822,14 +918,21 @@ def run_round(
 def run_variant(
     variant: str,
     rnd: int,
+    pos: int,
     args: argparse.Namespace,
     data: Dataset,
     run_dir: Path,
     ray_addresses: dict[str, str],
 ) -> Run:
-    """One run of ``variant``: (b) bare SPU, or (a) with the variant's backend and route."""
+    """One run of ``variant`` (the ``pos``-th of round ``rnd``): (b) bare SPU, (c) bare SPU
+    through the route's brokers, or (a) with the variant's backend and route."""
     if variant == "b":
         return run_bare(rnd, data, run_dir, args.protocol, args.timeout, args.bare_dup_check)
+    if is_bare(variant):
+        return run_bare_brokers(
+            rnd, f"bench-bb-{rnd}-{pos}", variant_route(variant), data, run_dir, args.protocol,
+            args.timeout, args.bare_dup_check,
+        )  # fmt: skip
     return run_product(
         rnd,
         variant_route(variant),
@@ -856,9 +959,10 @@ def print_summary(
     print()
     for line in stage_breakdown(runs, variants):
         print(line)
+    who = "variant" if args.bare_brokers else "psi-run"  # (c)'s rows are not psi-run's
     print(
-        "\n| rows | keys | variant | psi-run wall s | bare wall s | wall ratio | "
-        "psi-run RSS MB | bare RSS MB | RSS ratio |"
+        f"\n| rows | keys | variant | {who} wall s | bare wall s | wall ratio | "
+        f"{who} RSS MB | bare RSS MB | RSS ratio |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for line in result_rows(runs, variants, args.rows, args.keys):
@@ -875,6 +979,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [
         variant_name(b, r, k) for b in args.backends for r in args.routes for k in args.shards
     ]
+    if args.bare_brokers:
+        variants += [f"c:{r}" for r in args.routes]
     variants.append("b")
     print_job(args)
 
