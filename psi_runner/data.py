@@ -132,6 +132,18 @@ class InputTable:
             self.normalized = dataclasses.replace(self.normalized, keys=spilled)
         release_memory()
 
+    def drop_keys(self) -> None:
+        """Drop the key columns once SPU's input holds them in a code that decodes back
+        (``read_result_rows_and_values``): nothing is spilled or kept while SPU runs. The
+        result's rows are read again from ``source``, which must be set."""
+        assert self.source is not None, "the result's rows must be readable again"
+        self.released_rows = self.rows
+        self.table = self.table.schema.empty_table()
+        if self.normalized is not None:
+            empty = self.normalized.keys.schema.empty_table()
+            self.normalized = dataclasses.replace(self.normalized, keys=empty)
+        release_memory()
+
     def key_table(self, keys: tuple[str, ...]) -> pa.Table:
         """The keys SPU compares, one row per row given to SPU."""
         if self.normalized is not None:
@@ -683,21 +695,42 @@ def write_spu_input(
 
 def read_result_rows(spu_output: Path) -> np.ndarray:
     """Row numbers listed in SPU's output of a canonical-key run, in SPU's order."""
+    return _read_canonical_result(spu_output, with_keys=False)[0]
+
+
+def read_result_rows_and_values(spu_output: Path) -> tuple[np.ndarray, pa.ChunkedArray]:
+    """Row numbers and key values of SPU's output of an ``escape``-coded canonical-key run
+    (one key column), in SPU's order: the keys are decoded from SPU's own output, so the
+    run need not keep its own copy of them while SPU runs."""
+    rows, keys = _read_canonical_result(spu_output, with_keys=True)
+    assert keys is not None
+    decoded = [keycode.tilde_unescape(chunk) for chunk in keys.chunks]
+    return rows, pa.chunked_array(decoded, pa.large_string())
+
+
+def _read_canonical_result(
+    spu_output: Path, with_keys: bool
+) -> tuple[np.ndarray, pa.ChunkedArray | None]:
     if not spu_output.exists() or spu_output.stat().st_size == 0:
-        return np.zeros(0, dtype=np.int64)
+        empty = pa.chunked_array([], pa.string()) if with_keys else None
+        return np.zeros(0, dtype=np.int64), empty
+    columns = [ROW_COLUMN, KEY_COLUMN] if with_keys else [ROW_COLUMN]
     t = pcsv.read_csv(
         spu_output,
         convert_options=pcsv.ConvertOptions(
-            include_columns=[ROW_COLUMN],
-            column_types={ROW_COLUMN: pa.int64()},
+            include_columns=columns,
+            column_types={ROW_COLUMN: pa.int64(), KEY_COLUMN: pa.string()},
             null_values=[NULL_TEXT],
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
         ),
     )
     col = t[ROW_COLUMN].combine_chunks()
     if col.null_count:  # a join's row that only the peer has: -1 stands for "no row of ours"
         col = pc.fill_null(col, -1)
     # Straight from the buffer: to_numpy() would import pandas.
-    return np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + len(col)]
+    rows = np.frombuffer(col.buffers()[1], dtype=np.int64)[col.offset : col.offset + len(col)]
+    return rows, t[KEY_COLUMN] if with_keys else None
 
 
 def read_result_keys(spu_output: Path, keys: tuple[str, ...]) -> pa.Table:

@@ -374,7 +374,12 @@ class JobRun:
             return PsiCall(inp.path, out, self.spec.keys,
                            scratch=folder, recovery_folder=recovery)  # fmt: skip
         data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv", self.key_code)
-        inp.spill(self.work)  # the keys wait on disk while SPU runs; Arrow gives memory back
+        if self._keys_decode(inp):
+            inp.drop_keys()
+            log.info("%s: keys dropped while SPU runs; the result check reads them back from "
+                     "SPU's output", self.tag)  # fmt: skip
+        else:
+            inp.spill(self.work)  # the keys wait on disk while SPU runs; Arrow gives memory back
         return PsiCall(folder / "spu_input.csv", out, (data.KEY_COLUMN,),
                        scratch=folder, recovery_folder=recovery)  # fmt: skip
 
@@ -444,6 +449,14 @@ class JobRun:
     def _receives(self) -> bool:
         return self.party == self.spec.receiver or self.spec.broadcast_result
 
+    def _keys_decode(self, inp: data.InputTable) -> bool:
+        """SPU's input holds this run's canonical keys in a code that decodes back to the
+        values (one key column, ``escape``), and the input can be read again for the result:
+        the run keeps no copy of the keys while SPU runs."""
+        return (
+            len(self.spec.keys) == 1 and self.key_code == keycode.ESCAPE and inp.source is not None
+        )
+
     def _agree(
         self, inp: data.InputTable, call: PsiCall, result: BackendResult, agreed: Agreement
     ) -> np.ndarray | None:
@@ -454,6 +467,9 @@ class JobRun:
         positions, keys = None, None
         if self._receives() and inp.plain:
             keys = data.read_result_keys(call.output_path, spec.keys)
+        elif self._receives() and self._keys_decode(inp) and spec.join == "inner":
+            positions, values = data.read_result_rows_and_values(call.output_path)
+            keys = pa.table({spec.keys[0]: values})
         elif self._receives():
             positions = data.read_result_rows(call.output_path)
         if agreement.test_drop_requested(self.party):  # test-only: a row lost on one side

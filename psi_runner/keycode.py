@@ -73,3 +73,47 @@ def tilde_escape(arr: pa.Array) -> pa.Array:
     return pa.LargeStringArray.from_buffers(
         n, pa.py_buffer(new_offsets.tobytes()), pa.py_buffer(out.tobytes())
     )
+
+
+_UNHEX = np.full(256, 0, dtype=np.uint8)  # a hex digit's value (only digits are looked up)
+_UNHEX[np.frombuffer(b"0123456789", dtype=np.uint8)] = np.arange(10, dtype=np.uint8)
+_UNHEX[np.frombuffer(b"abcdef", dtype=np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def tilde_unescape(arr: pa.Array) -> pa.Array:
+    """The values that ``escape`` canonical keys stand for (large_string): a plain key as it
+    is, an encoded one without its leading ``~`` and with each ``~XX`` as the byte XX.
+
+    The result check uses it to take the result's keys from SPU's own output instead of
+    keeping a copy of every key while SPU runs. Vectorised like ``tilde_escape``. A plain key
+    holds no ``~``, so every ``~`` is either an encoded key's first byte or an escape."""
+    arr = arr.cast(pa.large_string())
+    n = len(arr)
+    if not n:
+        return arr
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    first = int(offsets[0])
+    raw = arr.buffers()[2]
+    body = np.frombuffer(raw, dtype=np.uint8)[first : int(offsets[-1])] if raw else None
+    starts = offsets - first
+    if body is None or not len(body):
+        return arr
+    tildes = np.flatnonzero(body == _TILDE)
+    leading = np.zeros(len(tildes), dtype=bool)
+    at_start = np.searchsorted(tildes, starts[:-1])  # the first "~" at or after each value
+    has = at_start < len(tildes)
+    hit = at_start[has][tildes[at_start[has]] == starts[:-1][has]]
+    leading[hit] = True
+    escapes = tildes[~leading]
+    if len(escapes) and escapes[-1] + 2 >= len(body):
+        raise ValueError("a canonical key ends inside an escape")
+    out = body.copy()
+    out[escapes] = (_UNHEX[body[escapes + 1]] << 4) | _UNHEX[body[escapes + 2]]
+    dropped = np.concatenate([tildes[leading], escapes + 1, escapes + 2])
+    dropped.sort()
+    keep = np.ones(len(body), dtype=bool)
+    keep[dropped] = False
+    new_offsets = starts - np.searchsorted(dropped, starts, side="left")
+    return pa.LargeStringArray.from_buffers(
+        n, pa.py_buffer(new_offsets.tobytes()), pa.py_buffer(out[keep].tobytes())
+    )

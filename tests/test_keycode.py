@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 
 import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from psi_runner import keycode
 from psi_runner.data import canonical_keys
@@ -61,3 +64,19 @@ def test_escape_only_when_both_sides_know_it_and_for_one_key_column() -> None:
     assert keycode.agreed_code(("uid",), None) == keycode.HEX  # a peer of an earlier version
     assert keycode.agreed_code(("uid",), ["hex"]) == keycode.HEX
     assert keycode.agreed_code(("a", "b"), list(keycode.CODES)) == keycode.HEX
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(max_size=8), max_size=40), st.integers(0, 3))
+def test_escape_keys_decode_back_to_their_values(values, cut) -> None:
+    """The result check reads the keys back from SPU's output: decoding any column of escape
+    keys (sliced, as a CSV reader's chunks are) gives the values they were made from."""
+    keys = canonical_keys(pa.table({"k": pa.array(values, pa.string())}), ("k",), keycode.ESCAPE)
+    sliced = keys.slice(min(cut, len(values)))
+    got = keycode.tilde_unescape(sliced.cast(pa.string())).to_pylist()
+    assert got == values[min(cut, len(values)) :]
+
+
+def test_a_truncated_escape_is_refused() -> None:
+    with pytest.raises(ValueError, match="inside an escape"):
+        keycode.tilde_unescape(pa.array(["~ab~2"]))
