@@ -249,7 +249,7 @@ def scan_text(fd: int, where: str) -> TextFacts:
             raise PreflightError(_scan_refusal(where, kind, at, line, byte, line_start, line_no))
         if not chunk:
             return facts.finish()
-        newlines = chunk.count(b"\n")
+        newlines = int(np.count_nonzero(np.frombuffer(chunk, dtype=np.uint8) == 0x0A))
         facts.feed(chunk, rest, newlines)
         if newlines:
             line_start, line_no = offset + chunk.rfind(b"\n") + 1, line_no + newlines
