@@ -113,6 +113,7 @@ class JobRun:
         self.offline = offline  # --offline: build the unbalanced server's cache, no peer
         self.relinks_left = relinks_left  # automatic restarts left for a link lost (relink)
         self.key_code = keycode.HEX  # how non-plain keys go to SPU: agreed in the handshake
+        self.spu_result_rows: int | None = None  # data rows of SPU's result file, once read
         self.ub_plan: unbalanced.UbPlan | None = None  # an online unbalanced job's plan
         self.cleanups: list[Callable[[], None]] = []  # stage helpers' own, run at cleanup
         if offline:
@@ -129,6 +130,7 @@ class JobRun:
         for warning in self.spec.link.warnings():
             log.warning("%s: %s", self.tag, warning)
         warm = None if self.check_only or self.spec.backend != "embedded" else prewarm.start()
+        data.use_system_allocator()  # Arrow's freed memory leaves RSS before SPU's fork
         try:
             with self._stage("preflight"):
                 if self.offline:
@@ -467,6 +469,7 @@ class JobRun:
         positions, keys = None, None
         if self._receives() and inp.plain:
             keys = data.read_result_keys(call.output_path, spec.keys)
+            self.spu_result_rows = keys.num_rows  # the output need not count them again
         elif self._receives() and self._keys_decode(inp) and spec.join == "inner":
             positions, values = data.read_result_rows_and_values(call.output_path)
             keys = pa.table({spec.keys[0]: values})
@@ -512,7 +515,9 @@ class JobRun:
         final_tmp = self.work / ("result" + output.suffix)
         if inp.plain:
             os.replace(call.output_path, final_tmp)
-            count = data.count_csv_rows(final_tmp)
+            count = self.spu_result_rows
+            if count is None:
+                count = data.count_csv_rows(final_tmp)
         else:
             assert positions is not None
             count = data.write_result(inp, inp.input_rows(positions), final_tmp)
