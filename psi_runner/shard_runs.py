@@ -13,7 +13,6 @@ shard; the job's failure notice then ends the peer's run, whose shards end with 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -31,10 +30,10 @@ from .errors import BackendError
 from .link import blackbox_environment
 from .shards import ShardedCall, ShardOutput, merge, shard_session
 from .spec import JobSpec
+from .supervisor import die_with_parent
 
 log = logging.getLogger("psi_runner.shard_runs")
 
-_PR_SET_PDEATHSIG = 1
 _KILL_GRACE_S = 2.0
 
 
@@ -102,19 +101,8 @@ def _failed(spec: JobSpec, party: str, index: int, stage: str, text: str) -> Bac
 # -- embedded: one process per shard ---------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """The kernel kills this process when the runner's process ends, however it ends."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _child(conn, spec: JobSpec, party: str, call: PsiCall, env: dict, session: str, ppid: int):
-    _die_with_parent()
-    if os.getppid() != ppid:  # the runner ended before the line above
-        os._exit(1)
+    die_with_parent(ppid, 1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner handles Ctrl-C for the job
     try:
         conn.send({"report": execute(spec, party, call, env, session)})

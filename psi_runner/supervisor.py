@@ -62,7 +62,7 @@ def _supervise(
             os.close(pipe_r)
             os.close(events_r)
             os.close(log_fd)
-            _die_with_parent(parent)
+            die_with_parent(parent)
             _redirect_output(pipe_w)
             os.environ["TMPDIR"] = str(private_tmp)
             tempfile.tempdir = None  # Python's tempfile reads TMPDIR again
@@ -87,8 +87,9 @@ def _supervise(
     return os.WEXITSTATUS(status)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: end the child when the parent is killed (even by SIGKILL)."""
+def die_with_parent(parent: int, code: int = Interrupted.exit_code) -> None:
+    """Linux: the kernel kills this process (SIGKILL) when ``parent``, the thread that forked
+    or spawned it, ends, however it ends; exit with ``code`` at once if it already has."""
     try:
         import ctypes
 
@@ -96,7 +97,7 @@ def _die_with_parent(parent: int) -> None:
     except (OSError, AttributeError):
         pass
     if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(Interrupted.exit_code)
+        os._exit(code)
 
 
 def _redirect_output(pipe_w: int) -> None:

@@ -2,8 +2,8 @@
 
 Two real stalls: a message really lost between the brokers (a test-only HTTP proxy on the
 route from alice's broker to bob's answers one SPU message "OK" and drops it), and a peer
-job process frozen with SIGSTOP. Without stall detection both would wait for SPU's 20-minute
-receive timeout.
+job (its job process and SPU's) frozen with SIGSTOP. Without stall detection both would wait
+for SPU's 20-minute receive timeout.
 """
 
 from __future__ import annotations
@@ -129,6 +129,10 @@ def test_with_retries_both_sides_start_again_after_a_stall_and_finish(tmp_path):
     assert len(alice) == 10_000 and alice["uid"].str.startswith("s").all()
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def test_a_frozen_peer_is_caught_as_a_stall(tmp_path):
     brokers = start_pair(tmp_path / "brokers")
     try:
@@ -144,12 +148,18 @@ def test_a_frozen_peer_is_caught_as_a_stall(tmp_path):
             ),
             60,
         ), "bob's PSI did not start"
-        child = int(Path(f"/proc/{bob.pid}/task/{bob.pid}/children").read_text().split()[0])
-        os.kill(child, signal.SIGSTOP)
+        # bob's job process and SPU's own process, its child: the whole of bob's job freezes
+        # (a job process alone frozen leaves SPU running to its end, and alice then waits for
+        # bob's result check until its silence limit instead)
+        frozen = _children(bob.pid)[:1]
+        frozen += _children(frozen[0])
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
         try:
             _, err = alice.communicate(timeout=90)
         finally:
-            os.kill(child, signal.SIGKILL)
+            for pid in frozen:
+                os.kill(pid, signal.SIGKILL)
             bob.communicate(timeout=60)
     finally:
         for b in brokers:

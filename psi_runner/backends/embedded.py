@@ -13,7 +13,6 @@ raw text stays in the log file and as the error's cause.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import signal
 
 from ..errors import BackendError, EngineCrashed
 from ..spec import JobSpec
+from ..supervisor import die_with_parent
 from . import BackendResult
 from .calls import CallFailed, PsiCall, execute
 from .translate import translate_spu_error
@@ -31,7 +31,6 @@ log = logging.getLogger("psi_runner.backends.embedded")
 # at the broker (up to 0.75 s). The PSI's process ends with os._exit, which runs no
 # destructor, so nothing waits for them.
 _CLOSED_LINKS: list = []
-_PR_SET_PDEATHSIG = 1
 
 
 def extra_sessions(session: str) -> list[str]:
@@ -73,7 +72,7 @@ def _in_child(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], ses
     if pid == 0:  # the child never returns from here
         try:
             os.close(read_fd)
-            _die_with(parent)
+            die_with_parent(parent, 1)
             try:
                 answer = {"report": execute(spec, party, call, env, session, keep=_CLOSED_LINKS)}
             except CallFailed as exc:
@@ -102,13 +101,3 @@ def _in_child(spec: JobSpec, party: str, call: PsiCall, env: dict[str, str], ses
         f"job {spec.job_id}: SPU's process exited ({os.WEXITSTATUS(status)}) without a result; "
         "see the log file"
     )
-
-
-def _die_with(parent: int) -> None:
-    """The kernel kills this process when the job process ends, however it ends."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the job process ended before the line above took effect
-        os._exit(1)
