@@ -59,9 +59,15 @@ def test_release_drops_a_sessions_queues(brokers):
     alice, bob = brokers
     for i in range(3):
         assert _http(alice, "push", _hdr("s3", f"t{i}", "alice", "bob"), b"x").code == codes.OK
+    # alice answers a push once stored and forwards it in the background: release only once
+    # bob holds all three, or a late arrival would land after the release
+    assert wait_for(
+        lambda: all(_http(bob, "peek", _hdr("s3", f"t{i}", "bob")).payload for i in range(3))
+    )
     assert _http(bob, "release", {"x-ptp-session-id": "s3"}).code == codes.OK
-    got = _http(bob, "pop", _hdr("s3", "t0", "bob"), query="?timeout=0")
-    assert got.code == codes.POP_TIMEOUT and got.payload == b""
+    for i in range(3):
+        got = _http(bob, "pop", _hdr("s3", f"t{i}", "bob"), query="?timeout=0")
+        assert got.code == codes.POP_TIMEOUT and got.payload == b""
 
 
 def test_push_for_an_unrouted_party_says_no_route(brokers):
