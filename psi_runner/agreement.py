@@ -83,18 +83,17 @@ def keys_digest(columns: list[pa.Array | pa.ChunkedArray], key: bytes) -> str:
     h = hashlib.blake2b(key=key, digest_size=32)
     for column in columns:
         chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        parts = [_string_parts(chunk) for chunk in chunks]
         h.update(sum(len(c) for c in chunks).to_bytes(8, "little"))
         h.update(np.zeros(1, dtype=np.int64).tobytes())  # the first offset
         done = 0  # bytes of the values before this chunk
-        for chunk in chunks:
-            offsets, _ = _string_parts(chunk)
+        for offsets, _ in parts:
             for at in range(1, len(offsets), _OFFSETS_AT_ONCE):
                 part = offsets[at : at + _OFFSETS_AT_ONCE].astype(np.int64)
                 part += done - int(offsets[0])
                 h.update(part.tobytes())
             done += int(offsets[-1]) - int(offsets[0])
-        for chunk in chunks:
-            offsets, body = _string_parts(chunk)
+        for offsets, body in parts:
             if body is not None:
                 h.update(memoryview(body)[int(offsets[0]) : int(offsets[-1])])
     return h.hexdigest()

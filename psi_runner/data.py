@@ -109,8 +109,7 @@ class InputTable:
         """Drop the rows held in memory, for a file SPU reads as it is (its result is SPU's
         own output): the PSI then runs without psi-run's copy of the input beside it."""
         assert self.plain, "only a file SPU reads as it is needs no rows of ours afterwards"
-        self.released_rows = self.rows
-        self.table = self.table.schema.empty_table()
+        self._forget_rows()
         self.normalized = None
         release_memory()
 
@@ -137,12 +136,16 @@ class InputTable:
         (``read_result_rows_and_values``): nothing is spilled or kept while SPU runs. The
         result's rows are read again from ``source``, which must be set."""
         assert self.source is not None, "the result's rows must be readable again"
-        self.released_rows = self.rows
-        self.table = self.table.schema.empty_table()
+        self._forget_rows()
         if self.normalized is not None:
             empty = self.normalized.keys.schema.empty_table()
             self.normalized = dataclasses.replace(self.normalized, keys=empty)
         release_memory()
+
+    def _forget_rows(self) -> None:
+        """Drop the table, remembering how many rows it had."""
+        self.released_rows = self.rows
+        self.table = self.table.schema.empty_table()
 
     def key_table(self, keys: tuple[str, ...]) -> pa.Table:
         """The keys SPU compares, one row per row given to SPU."""
