@@ -145,6 +145,7 @@ class CsvSource:
     header: list[str]
     size: int
     mtime_ns: int
+    digest: str | None = None  # the file's checkpoint digest, when the preflight took it
 
     def take(self, rows: np.ndarray) -> pa.Table:
         """The rows at ``rows`` (data row numbers, in that order; -1: a row of NULLs), every

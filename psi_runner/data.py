@@ -49,7 +49,8 @@ import functools
 import logging
 import os
 import stat
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,7 @@ LINE_MAX_BYTES = 1 << 20  # the longest input line (a CSV row) accepted, without
 # Chunks of the pre-scan; at most LINE_MAX_BYTES, so that a longer line always reaches past
 # the end of a chunk and is seen at a chunk's edge.
 _SCAN_CHUNK = 1 << 20
+_HASH_AHEAD = 8  # chunks the input's digest may lag behind the scan (memory: 8 MB at most)
 _LONG_LINE, _NUL, _NOT_UTF8 = range(3)  # what the scan finds; at one offset, the first is named
 _PATH_SHOWN = 100  # characters of a path a message shows (its two ends)
 
@@ -220,10 +222,35 @@ def _open_input(path: Path, where: str) -> int:
     return fd
 
 
-def scan_text(fd: int, where: str) -> TextFacts:
+class _HashBehind:
+    """A hash of the chunks a scan reads, in order, computed on a worker thread (hashlib lets
+    go of the GIL for large buffers) at most ``_HASH_AHEAD`` chunks behind the scan, so the
+    file's digest costs no second read and little time on a machine with a core to spare."""
+
+    def __init__(self, hasher) -> None:
+        self._hasher = hasher
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="input-digest")
+        self._pending: deque[Future] = deque()
+
+    def feed(self, chunk: bytes) -> None:
+        self._pending.append(self._pool.submit(self._hasher.update, chunk))
+        if len(self._pending) > _HASH_AHEAD:
+            self._pending.popleft().result()
+
+    def hexdigest(self) -> str:
+        while self._pending:
+            self._pending.popleft().result()
+        self._pool.shutdown()
+        return self._hasher.hexdigest()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def scan_text(fd: int, where: str, hashing: _HashBehind | None = None) -> TextFacts:
     """Refuse, naming the byte offset, a file that is not UTF-8, holds a NUL byte or has a
     line longer than ``LINE_MAX_BYTES``; reads ``fd`` to its end in fixed-size chunks and
-    returns what it learned on the way (``TextFacts``)."""
+    returns what it learned on the way (``TextFacts``). ``hashing`` gets every chunk read."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     facts = TextFacts()
     offset = 0  # of the chunk in the file
@@ -252,6 +279,8 @@ def scan_text(fd: int, where: str) -> TextFacts:
             raise PreflightError(_scan_refusal(where, kind, at, line, byte, line_start, line_no))
         if not chunk:
             return facts.finish()
+        if hashing is not None:
+            hashing.feed(chunk)
         newlines = int(np.count_nonzero(np.frombuffer(chunk, dtype=np.uint8) == 0x0A))
         facts.feed(chunk, rest, newlines)
         if newlines:
@@ -284,17 +313,21 @@ def inspect_input(
     allow_duplicates: bool = False,
     plan: KeyPlan | None = None,
     keys_needed: bool = False,
+    digest=None,
 ) -> InputTable:
     """Read and check the input CSV, normalising its keys as ``plan`` says; raise
     PreflightError with one readable sentence. ``keys_needed``: the job takes the canonical
     path whatever the file (e.g. a Parquet output), so the keys are held, not only hashed.
+    ``digest``: a hashlib object fed the file's bytes as they are checked; its hex digest
+    ends up in the input's ``source.digest`` (a checkpoint's input digest).
 
     The file is read twice, streaming, never whole: its bytes (``scan_text``), then its rows
     as Arrow batches (``csv_io``), of which only the key columns are kept."""
     where = _where("input", path)
     fd = _open_input(path, where)
+    hashing = _HashBehind(digest) if digest is not None else None
     try:
-        facts = scan_text(fd, where)
+        facts = scan_text(fd, where, hashing)
         header = _checked_header(facts, keys, where)
         candidate = not keys_needed and _plain_candidate(facts, header, keys, plan)
         got = csv_io.read_keys(fd, header, keys, facts.has_quote, keep=not candidate,
@@ -303,6 +336,7 @@ def inspect_input(
             # not plain after all (an empty key, quoted text) or two equal hashes: the keys
             got = csv_io.read_keys(fd, header, keys, facts.has_quote)
         st = os.fstat(fd)
+        file_digest = hashing.hexdigest() if hashing is not None else None
     except OSError as exc:
         raise PreflightError(
             f"{where}: cannot read ({exc.strerror}); check its permissions"
@@ -312,9 +346,11 @@ def inspect_input(
         raise PreflightError(f"{where}: not a well-formed CSV file ({detail})") from None
     finally:
         os.close(fd)
+        if hashing is not None:
+            hashing.close()  # after a refusal; nothing is left to do once the digest is taken
     if got.rows == 0:
         raise PreflightError(f"{where}: has a header but no rows")
-    source = csv_io.CsvSource(path, header, st.st_size, st.st_mtime_ns)
+    source = csv_io.CsvSource(path, header, st.st_size, st.st_mtime_ns, file_digest)
     quoted = facts.has_quote
     if got.table is None:  # plain, distinct keys, proven without holding them
         return InputTable(

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import broker_client, data, database, normalize, parquet_io, rayhead
+from . import broker_client, checkpoint, data, database, normalize, parquet_io, rayhead
 from .dbspec import DbConfig
 from .errors import PreflightError, shown
 from .spec import JobSpec
@@ -61,7 +61,10 @@ def preflight(
         # CSV), or an unbalanced PSI (its cache and canonical keys)
         needed = not isinstance(output, Path) or parquet_io.is_parquet_output(output)
         needed = needed or spec.unbalanced is not None
-        inp = data.inspect_input(source, spec.keys, allow, plan, keys_needed=needed)
+        # a checkpointed job's input digest is taken from the bytes the check reads
+        digest = checkpoint.content_hash() if checkpoint.supported(spec) else None
+        inp = data.inspect_input(source, spec.keys, allow, plan, keys_needed=needed,
+                                 digest=digest)  # fmt: skip
     if not isinstance(output, Path) or parquet_io.is_parquet_output(output):
         inp.plain = False  # SPU writes CSV: the result is built from the input's rows
     if inp.quoted and spec.api != "psi":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from psi_runner import distinct
+from psi_runner import checkpoint, distinct
+from psi_runner import data as data_mod
 from psi_runner.csv_io import CsvSource
 from psi_runner.data import canonical_keys, inspect_input, result_table
 from psi_runner.errors import OutputError, PreflightError
@@ -159,3 +161,32 @@ def test_a_plain_file_is_checked_by_hashes_and_by_its_keys_on_a_collision(
     path.write_text("uid,v\na,1\nb,2\na,3\n")
     with pytest.raises(PreflightError, match="1 duplicate key row"):
         inspect_input(path, ("uid",))
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_the_checkpoint_digest_taken_while_checking_is_the_files_own(
+    tmp_path, monkeypatch, chunk
+) -> None:
+    """The preflight feeds the bytes it checks to the checkpoint's hash on a worker thread, up
+    to a few chunks behind: the digest is the one read separately from the file."""
+    monkeypatch.setattr(data_mod, "_SCAN_CHUNK", chunk)
+    rng = random.Random(5)
+    path = tmp_path / "in.csv"
+    rows = [f'"id{rng.randrange(10**9)}é",{i}' for i in range(3000)]
+    path.write_text("uid,x\n" + "\n".join(dict.fromkeys(rows)) + "\n", encoding="utf-8")
+    inp = inspect_input(path, ("uid",), digest=checkpoint.content_hash())
+    assert inp.source.digest == checkpoint.input_digest(path)
+    path.write_bytes(path.read_bytes() + b'"one more",1\n')
+    assert inspect_input(path, ("uid",), digest=checkpoint.content_hash()).source.digest == (
+        checkpoint.input_digest(path)
+    )
+    assert inspect_input(path, ("uid",)).source.digest is None  # not asked: not taken
+
+
+def test_a_refused_input_leaves_no_digest_thread_behind(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(data_mod, "_SCAN_CHUNK", 64)
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"uid\n" + b"".join(b"id%d\n" % i for i in range(2000)) + b"\xff\n")
+    with pytest.raises(PreflightError, match="not UTF-8"):
+        inspect_input(path, ("uid",), digest=checkpoint.content_hash())
+    assert not [t for t in threading.enumerate() if t.name.startswith("input-digest")]
