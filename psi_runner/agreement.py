@@ -9,8 +9,9 @@ Each side sends, on the job's control session (topic ``ag-<sender>-<receiver>``)
 count for the other joins), ``rows`` the rows of this party's result file, and ``digest`` a
 keyed BLAKE2b of the result's keys in result order (``join: inner`` only: the other joins
 pad with rows only one side has). The key is derived from both handshake nonces, so a digest
-means nothing outside this run. A difference fails both sides (``ResultsDisagree``, exit 5)
-and no result is written.
+means nothing outside this run. Keys that reached SPU in the ``escape`` code may be digested
+as SPU's texts, when both sides can (``SPU_TEXT``). A difference fails both sides
+(``ResultsDisagree``, exit 5) and no result is written.
 
 What it reveals: with ``broadcast_result: true`` both sides get the whole result anyway.
 With a receiver-only result the sender knows nothing of it: it sends its SPU count only when
@@ -46,6 +47,22 @@ log = logging.getLogger("psi_runner.agreement")
 # Test-only: set to a party's name, that party drops the last row of its result before the
 # check, as a lost row would look. Read only when set; never set it in production.
 TEST_DROP_ENV = "PSI_RUN_TEST_DROP_RESULT_ROW"
+# A side whose SPU input holds ``escape``-coded keys may digest the key texts SPU compared (its
+# output's key column as it is) instead of decoding them back to values first: the digests
+# still agree exactly when the results do (the code is injective and the same at both sides,
+# and a plain value is its own canonical key). Both sides say in the handshake that they can;
+# a peer that does not say it decodes, and then this side decodes too.
+SPU_TEXT = "spu-text"
+DIGEST_FORMS = (SPU_TEXT,)  # what this version can digest besides the values, told to the peer
+# test-only: the party named here says nothing of digest forms, as an earlier version
+TEST_NO_FORMS_ENV = "PSI_RUN_TEST_NO_DIGEST_FORMS"
+
+
+def digest_forms(party: str) -> tuple[str, ...]:
+    """The digest forms ``party`` tells its peer in the handshake."""
+    return () if os.environ.get(TEST_NO_FORMS_ENV) == party else DIGEST_FORMS
+
+
 BEAT_EVERY_S = 3.0
 
 

@@ -749,12 +749,17 @@ def read_result_rows(spu_output: Path) -> np.ndarray:
     return _read_canonical_result(spu_output, with_keys=False)[0]
 
 
-def read_result_rows_and_values(spu_output: Path) -> tuple[np.ndarray, pa.ChunkedArray]:
+def read_result_rows_and_values(
+    spu_output: Path, as_text: bool = False
+) -> tuple[np.ndarray, pa.ChunkedArray]:
     """Row numbers and key values of SPU's output of an ``escape``-coded canonical-key run
     (one key column), in SPU's order: the keys are decoded from SPU's own output, so the
-    run need not keep its own copy of them while SPU runs."""
+    run need not keep its own copy of them while SPU runs. ``as_text``: the keys as SPU
+    compared them, not decoded (what the result check digests when both sides can)."""
     rows, keys = _read_canonical_result(spu_output, with_keys=True)
     assert keys is not None
+    if as_text:
+        return rows, keys
     decoded = [keycode.tilde_unescape(chunk) for chunk in keys.chunks]
     return rows, pa.chunked_array(decoded, pa.large_string())
 

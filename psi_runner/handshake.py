@@ -66,6 +66,7 @@ class Agreement:
     peer_keys_form: str = ""
     peer_cache: dict | None = None  # what the peer said of its unbalanced cache (unbalanced)
     peer_key_codes: list | None = None  # the key codes the peer can write (None: not said)
+    peer_digest_forms: list | None = None  # the key forms the peer can digest (None: not said)
 
 
 class _Channel:
@@ -189,6 +190,10 @@ def _differences_ordered(p1: str, m1: dict, p2: str, m2: dict) -> list[str]:
     return diffs
 
 
+def _listed(value: object) -> list | None:
+    return value if isinstance(value, list) else None
+
+
 def _show(value: object) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(str(v) for v in value) + "]"
@@ -207,6 +212,7 @@ def handshake(
     keys_form: str = "",
     cache: dict | None = None,
     key_codes: tuple[str, ...] = (),
+    digest_forms: tuple[str, ...] = (),
 ) -> Agreement:
     """Wait for the peer (up to ``timeout_s``) and check that it runs the same job.
 
@@ -215,12 +221,15 @@ def handshake(
     SPU (not compared: each side adapts, see ``data``); ``cache`` is this side's unbalanced
     cache offer (``unbalanced.agree`` decides from both). Stops at once with ``PeerError`` when
     the peer sends a failure notice for this attempt. ``key_codes``: how this side can write
-    non-plain keys for SPU (``keycode``; each side picks from both lists by the same rule)."""
+    non-plain keys for SPU (``keycode``; each side picks from both lists by the same rule);
+    ``digest_forms``: the forms of the result's keys this side can digest (``agreement``)."""
     hs = _Handshake(spec, me, timeout_s, mode, progress, nonce or new_nonce())
     hs.hello["checkpoint"] = checkpoint or {}
     hs.hello["keys_form"] = keys_form
     if key_codes:
         hs.hello["key_codes"] = list(key_codes)
+    if digest_forms:
+        hs.hello["digest_forms"] = list(digest_forms)
     if cache:
         hs.hello["cache"] = cache
     if extra_fields:
@@ -394,6 +403,7 @@ class _Handshake:
             peer_keys_form=str(msg.get("keys_form", "")),
             peer_cache=msg.get("cache") if isinstance(msg.get("cache"), dict) else {},
             peer_key_codes=msg.get("key_codes") if isinstance(msg.get("key_codes"), list) else None,
+            peer_digest_forms=_listed(msg.get("digest_forms")),
         )
 
     def _timeout_message(self) -> str:

@@ -281,6 +281,7 @@ class JobRun:
             keys_form=data.keys_form(inp),
             cache=ub_offer,
             key_codes=keycode.CODES,
+            digest_forms=agreement.digest_forms(self.party),
         )
         self.peer_nonce = agreed.peer_nonce
         self.events.emit("met", nonce=self.nonce, peer_nonce=agreed.peer_nonce)
@@ -473,7 +474,11 @@ class JobRun:
             keys = data.read_result_keys(call.output_path, spec.keys)
             self.spu_result_rows = keys.num_rows  # the output need not count them again
         elif self._receives() and self._keys_decode(inp) and spec.join == "inner":
-            positions, values = data.read_result_rows_and_values(call.output_path)
+            as_text = agreement.SPU_TEXT in (agreed.peer_digest_forms or ())
+            as_text = as_text and bool(agreement.digest_forms(self.party))
+            log.info("%s: the result check digests the keys %s", self.tag,
+                     "as SPU compared them" if as_text else "decoded from SPU's texts")  # fmt: skip
+            positions, values = data.read_result_rows_and_values(call.output_path, as_text)
             keys = pa.table({spec.keys[0]: values})
         elif self._receives():
             positions = data.read_result_rows(call.output_path)

@@ -1,4 +1,5 @@
-"""Unit tests of the ``escape`` key code (psi_runner/keycode.py) and how both parties pick it."""
+"""Unit tests of the ``escape`` key code (psi_runner/keycode.py), how both parties pick it, and
+the result check's digest of ``escape``-coded texts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from psi_runner import keycode
+from psi_runner.agreement import digest_key, keys_digest
 from psi_runner.data import canonical_keys
 
 ESCAPED = set(range(0x20)) | {0x7F} | set(b'",~')
@@ -80,3 +82,30 @@ def test_escape_keys_decode_back_to_their_values(values, cut) -> None:
 def test_a_truncated_escape_is_refused() -> None:
     with pytest.raises(ValueError, match="inside an escape"):
         keycode.tilde_unescape(pa.array(["~ab~2"]))
+
+
+plain_values = st.text(st.sampled_from("ab1 -}!#"), min_size=1, max_size=6)
+any_values = st.text(st.sampled_from('ab1 ,"~\n\x7fé张🙂'), min_size=0, max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(common=st.lists(plain_values, unique=True, max_size=12))
+def test_a_plain_sides_values_and_a_canonical_sides_texts_digest_alike(common) -> None:
+    """The result check's two forms meet: a side whose file went to SPU as it is digests its
+    values; a side with ``escape``-coded keys digests SPU's texts. Keys both sides hold are
+    plain (the plain side has no other), and a plain value is its own canonical key."""
+    key = digest_key("n1", "n2")
+    texts = canonical_keys(pa.table({"k": common}), ("k",), keycode.ESCAPE)
+    assert keys_digest([texts], key) == keys_digest([pa.array(common, pa.string())], key)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.lists(any_values, unique=True, max_size=8), b=st.lists(any_values, max_size=8))
+def test_escape_texts_digest_alike_exactly_when_the_values_are_alike(a, b) -> None:
+    key = digest_key("n1", "n2")
+
+    def digest(values):
+        return keys_digest([canonical_keys(pa.table({"k": values}), ("k",), keycode.ESCAPE)], key)
+
+    b = list(dict.fromkeys(b))
+    assert (digest(a) == digest(b)) == (a == b)

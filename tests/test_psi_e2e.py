@@ -21,6 +21,7 @@ from conftest import (
 )
 
 from harness.localnet import start_pair
+from psi_runner import agreement
 
 
 def _single_key_data(
@@ -76,6 +77,24 @@ def _check(folder: Path, keys: list[str], parties=("alice", "bob")) -> None:
     # Aligned, as SecretFlow's later steps expect: row i of both files has the same key.
     ra, rb = (read_result(folder / f"out/{p}_psi.csv")[keys] for p in parties)
     pd.testing.assert_frame_equal(ra, rb)
+
+
+@pytest.mark.parametrize("earlier", ["", "bob"])
+def test_awkward_keys_are_checked_as_spu_compared_them_or_decoded_for_an_earlier_peer(
+    tmp_path, brokers, earlier
+):
+    """One key column with commas, quotes and non-ASCII (``escape``-coded for SPU): the result
+    check digests the key texts SPU compared at both sides; when one side does not say it can
+    (an earlier version, emulated for bob), both decode them back to values first. Either way
+    the digests agree (a difference would end both with exit 5) and the result is pandas'."""
+    _single_key_data(tmp_path, random.Random(f"forms-{earlier}"), tricky=True)
+    spec = write_spec(tmp_path, brokers, protocol="RR22")
+    env = {agreement.TEST_NO_FORMS_ENV: earlier} if earlier else {}
+    reports = run_ok(spec, ["alice", "bob"], extra_env=env)
+    _check(tmp_path, ["uid"])
+    said = "decoded from SPU's texts" if earlier else "as SPU compared them"
+    for r in reports:
+        assert log_says(r, f"the result check digests the keys {said}")
 
 
 @pytest.mark.parametrize("brokers", ["grpc", "http"], indirect=True)
