@@ -378,7 +378,8 @@ class JobRun:
             inp.release()  # SPU's output is the result: our copy of the rows is not needed
             return PsiCall(inp.path, out, self.spec.keys,
                            scratch=folder, recovery_folder=recovery)  # fmt: skip
-        data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv", self.key_code)
+        presort = "stable" if self.spec.allow_duplicate_keys else "fast"
+        data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv", self.key_code, presort)
         if self._keys_decode(inp):
             inp.drop_keys()
             log.info("%s: keys dropped while SPU runs; the result check reads them back from "
