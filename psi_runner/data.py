@@ -50,6 +50,7 @@ import logging
 import os
 import stat
 from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,7 @@ import pyarrow.csv as pcsv
 
 from . import csv_io, database, distinct, keycode, parquet_io, rawrows
 from .dbspec import DbConfig
-from .errors import PreflightError, cut, shown
+from .errors import OutputError, PreflightError, cut, shown
 from .normalize import KeyPlan, Normalized, duplicate_rows, normalize_keys
 from .specfile import file_kind
 from .textfacts import PLAIN, TextFacts
@@ -97,6 +98,9 @@ class InputTable:
     plain: bool  # the raw file can be given to SPU as it is
     quoted: bool = False  # the file holds quotes (as syntax only, when ``plain``)
     keys_quoted: bool = False  # every key field is in quotes (``plain``: the same SPU order)
+    # plain keys that go to SPU in a canonical-key file written from the file's key column,
+    # read again batch by batch (``write_spu_input``), so they are never all held at once
+    keys_in_file: bool = False
     normalized: Normalized | None = None  # None: the keys are the file's values, every row
     plan: KeyPlan | None = None  # how the keys were normalised (and the salt, if any)
     # Where the rows are read again, batch by batch, to write the result (CSV, Parquet).
@@ -734,13 +738,12 @@ def write_spu_input(
     against 6.7 s); the order costs this side 0.5 s, and what SPU computes is the same (it
     sorts anyway, stably, and each row carries its position). ``"stable"`` keeps rows of
     equal keys in file order, as SPU's stable sort would have."""
-    key_table = inp.key_table(keys)
     options = pcsv.WriteOptions(quoting_style="none", include_header=False)
     # A bare header: pyarrow quotes header names, which SPU's legacy (psi_csv) reader keeps.
     with open(dest, "wb") as fh:
         fh.write(f"{KEY_COLUMN},{ROW_COLUMN}\n".encode())
-        for start in range(0, key_table.num_rows, _WRITE_SLICE):
-            piece = key_table.slice(start, _WRITE_SLICE)
+        start = 0
+        for piece in _key_slices(inp, keys):
             n = piece.num_rows
             texts = canonical_keys(piece, keys, code).cast(pa.string())
             positions = np.arange(start, start + n, dtype=np.int64)
@@ -752,6 +755,40 @@ def write_spu_input(
                 positions = order + start
             t = pa.table({KEY_COLUMN: texts, ROW_COLUMN: _int64_array(positions)})
             pcsv.write_csv(t, fh, options)
+            start += n
+    if inp.keys_in_file and start != inp.rows:  # unchanged() missed it (same size and time)
+        raise OutputError(
+            f"{_where('input', inp.path)}: changed while the job ran ({start} rows read for "
+            f"SPU, {inp.rows} checked); no result was written, run the job again"
+        )
+
+
+def _key_slices(inp: InputTable, keys: tuple[str, ...]) -> Iterator[pa.Table]:
+    """The key columns, ``_WRITE_SLICE`` rows at a time: from the table held, or read again
+    from the file (``keys_in_file``), batch by batch."""
+    if not inp.keys_in_file:
+        key_table = inp.key_table(keys)
+        for start in range(0, key_table.num_rows, _WRITE_SLICE):
+            yield key_table.slice(start, _WRITE_SLICE)
+        return
+    source = inp.source
+    assert isinstance(source, csv_io.CsvSource), "keys are read again from a CSV input only"
+    source.unchanged()
+    held: list[pa.RecordBatch] = []
+    rows = 0
+    with open(source.path, "rb") as fh:
+        for batch in csv_io.open_batches(fh, source.header, list(dict.fromkeys(keys))):
+            held.append(batch)
+            rows += batch.num_rows
+            if rows >= _WRITE_SLICE:
+                whole = pa.Table.from_batches(held).combine_chunks()
+                for start in range(0, rows - rows % _WRITE_SLICE, _WRITE_SLICE):
+                    yield whole.slice(start, _WRITE_SLICE)
+                rest = whole.slice(rows - rows % _WRITE_SLICE)
+                held, rows = rest.to_batches(), rest.num_rows
+    if rows:
+        yield pa.Table.from_batches(held).combine_chunks()
+    source.unchanged()
 
 
 def _int64_array(values: np.ndarray) -> pa.Array:

@@ -379,6 +379,8 @@ class JobRun:
             return PsiCall(inp.path, out, self.spec.keys,
                            scratch=folder, recovery_folder=recovery)  # fmt: skip
         presort = "stable" if self.spec.allow_duplicate_keys else "fast"
+        if inp.keys_in_file:
+            log.info("%s: plain keys go to SPU in key order, read again from the input", self.tag)
         data.write_spu_input(inp, self.spec.keys, folder / "spu_input.csv", self.key_code, presort)
         if self._keys_decode(inp):
             inp.drop_keys()
@@ -459,9 +461,8 @@ class JobRun:
         """SPU's input holds this run's canonical keys in a code that decodes back to the
         values (one key column, ``escape``), and the input can be read again for the result:
         the run keeps no copy of the keys while SPU runs."""
-        return (
-            len(self.spec.keys) == 1 and self.key_code == keycode.ESCAPE and inp.source is not None
-        )
+        decodes = self.key_code == keycode.ESCAPE or inp.keys_in_file  # plain: as they are
+        return len(self.spec.keys) == 1 and decodes and inp.source is not None
 
     def _agree(
         self, inp: data.InputTable, call: PsiCall, result: BackendResult, agreed: Agreement

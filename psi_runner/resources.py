@@ -54,6 +54,8 @@ def estimate(inp: InputTable) -> Needs:
     keys = inp.normalized.keys.nbytes if inp.normalized is not None else inp.table.nbytes
     held = inp.table.nbytes + (keys if inp.normalized is not None else 0)
     input_bytes = input_bytes or held  # Parquet or a database: about its text, held in memory
+    if inp.keys_in_file:  # plain keys read again from the file for SPU: at most its size
+        keys = input_bytes
     canonical = 0 if inp.plain else keys + 12 * rows  # key text (an upper bound) and row number
     # While SPU runs psi-run holds no keys (dropped, or spilled to the work folder: ``held``
     # more disk), only the input row of each normalised row kept.

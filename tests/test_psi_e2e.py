@@ -122,17 +122,20 @@ def test_two_column_key_with_quotes_and_commas_matches_pandas(tmp_path, brokers,
     _check(tmp_path, ["id", "region"])
 
 
-def test_plain_file_is_passed_through_and_still_matches(tmp_path, brokers):
+def test_plain_file_goes_to_spu_in_key_order_and_still_matches(tmp_path, brokers):
     _single_key_data(tmp_path, random.Random(1), tricky=False, lineterminator="\n")
     spec = write_spec(tmp_path, brokers, protocol="RR22")
     reports = run_ok(spec, ["alice", "bob"])
     _check(tmp_path, ["uid"])
-    # alice's key is its first column: SPU reads her file as it is. bob's is not, and SPU
-    # would then sort his output by its first column, out of line with alice's: psi-run
-    # gives SPU a canonical-key file instead (and _check proves the rows line up).
+    # alice's key is her first column and every key is plain: her keys are read again from
+    # her file and go to SPU in key order. bob's key is not his first column, and SPU would
+    # then sort his output by that column, out of line with alice's: he gives SPU a
+    # canonical-key file built from the keys he holds (and _check proves the rows line up).
     by_party = {r["party"]: r for r in reports}
-    assert log_says(by_party["alice"], "plain=True")
+    in_order = "plain keys go to SPU in key order"
+    assert log_says(by_party["alice"], in_order)
     assert log_says(by_party["bob"], "plain=False")
+    assert not log_says(by_party["bob"], in_order)
 
 
 def test_numeric_party_names_as_osx_users_write_them(tmp_path):

@@ -1,10 +1,11 @@
-"""CSV quoting is syntax, not key text: a quoted file whose values are plain goes to SPU as it is.
+"""CSV quoting is syntax, not key text: a quoted file whose values are plain goes to SPU as it is
+(``PSI_RUN_PLAIN_AS_IS=1``) or, by default, as its parsed keys in key order.
 
 The end-to-end tests run the real SPU PSI on pyarrow-written files (header ``"uid","amount"``,
-every text value quoted) once through the plain path (CSV output: SPU reads the file itself) and
-once through the canonical-key path (Parquet output forces it), and check both results against
-pandas and against each other; and a pair whose files quote their keys differently (SPU orders
-by the key's raw text, so the quoted side must take the canonical path).
+every text value quoted) through the plain path (CSV output: SPU reads the file itself), the
+default in-order path, and the canonical-key path (Parquet output forces it), and check the
+results against pandas and against each other; and a pair whose files quote their keys
+differently (SPU orders by the key's raw text, so the quoted side must take the canonical path).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from conftest import expected_rows, log_says, make_ids, read_result, run_ok, write_spec
 
 from psi_runner.data import inspect_input
+from psi_runner.preflight import PLAIN_AS_IS_ENV
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -102,10 +104,25 @@ def test_quoted_file_plain_path_matches_canonical_path_and_pandas(tmp_path: Path
     shared = _inputs(tmp_path, 12)
 
     spec = write_spec(tmp_path, pair, job_id="quoted-plain")
-    reports = run_ok(spec, ["alice", "bob"])
+    reports = run_ok(spec, ["alice", "bob"], extra_env={PLAIN_AS_IS_ENV: "1"})
     assert [r["intersection_count"] for r in reports] == [shared] * 2
     assert all(log_says(r, "plain=True") for r in reports)  # no canonical-key rewrite
     plain = {p: read_result(tmp_path / f"out/{p}_psi.csv") for p in ("alice", "bob")}
+
+    # by default the same plain keys go to SPU in key order, read again from the file
+    spec = write_spec(tmp_path, pair, job_id="quoted-in-order")
+    text = spec.read_text()
+    for p in ("alice", "bob"):
+        text = text.replace(f"out/{p}_psi.csv", f"out/{p}_in_order.csv")
+    spec.write_text(text)
+    reports = run_ok(spec, ["alice", "bob"])
+    assert all(log_says(r, "plain keys go to SPU in key order") for r in reports)
+    in_order = {p: read_result(tmp_path / f"out/{p}_in_order.csv") for p in ("alice", "bob")}
+    for p in ("alice", "bob"):  # the same file, row for row
+        assert (tmp_path / f"out/{p}_in_order.csv").read_bytes() == (
+            tmp_path / f"out/{p}_psi.csv"
+        ).read_bytes()
+    _check_against_pandas(tmp_path, in_order)
 
     spec = write_spec(tmp_path, pair, job_id="quoted-canonical")
     text = spec.read_text()
@@ -140,7 +157,7 @@ def test_keys_quoted_on_one_side_only_still_line_up(tmp_path: Path, pair) -> Non
             f'{u},"{x}"\n' for u, x in zip(table["uid"].to_pylist(), table["amount"].to_pylist())
         )
     spec = write_spec(tmp_path, pair, job_id="quoted-one-side")
-    reports = run_ok(spec, ["alice", "bob"])
+    reports = run_ok(spec, ["alice", "bob"], extra_env={PLAIN_AS_IS_ENV: "1"})
     assert [r["intersection_count"] for r in reports] == [shared] * 2
     assert log_says(reports[0], "canonical keys: the peer's keys are not quoted alike")
     assert not log_says(reports[1], "canonical keys:")
