@@ -735,7 +735,7 @@ def write_spu_input(
     ``presort`` (``"fast"``, or ``"stable"`` when keys may repeat): each slice's rows go out
     ordered by their key's first 8 bytes. SPU starts by sorting its whole input with GNU
     sort, which takes a third of the CPU on input already nearly in order (10M keys: 2.3 s
-    against 6.7 s); the order costs this side 0.5 s, and what SPU computes is the same (it
+    against 6.7 s); the order costs this side about 0.7 s, and what SPU computes is the same (it
     sorts anyway, stably, and each row carries its position). ``"stable"`` keeps rows of
     equal keys in file order, as SPU's stable sort would have."""
     options = pcsv.WriteOptions(quoting_style="none", include_header=False)
