@@ -100,6 +100,16 @@ def _check_against_pandas(tmp_path: Path, results: dict[str, pd.DataFrame]) -> N
     assert results["alice"]["uid"].tolist() == results["bob"]["uid"].tolist()
 
 
+def _spec_writing(tmp_path: Path, pair, job_id: str, suffix: str) -> Path:
+    """The test's spec with each party's output at ``out/<party><suffix>``."""
+    spec = write_spec(tmp_path, pair, job_id=job_id)
+    text = spec.read_text()
+    for p in ("alice", "bob"):
+        text = text.replace(f"out/{p}_psi.csv", f"out/{p}{suffix}")
+    spec.write_text(text)
+    return spec
+
+
 def test_quoted_file_plain_path_matches_canonical_path_and_pandas(tmp_path: Path, pair) -> None:
     shared = _inputs(tmp_path, 12)
 
@@ -110,11 +120,7 @@ def test_quoted_file_plain_path_matches_canonical_path_and_pandas(tmp_path: Path
     plain = {p: read_result(tmp_path / f"out/{p}_psi.csv") for p in ("alice", "bob")}
 
     # by default the same plain keys go to SPU in key order, read again from the file
-    spec = write_spec(tmp_path, pair, job_id="quoted-in-order")
-    text = spec.read_text()
-    for p in ("alice", "bob"):
-        text = text.replace(f"out/{p}_psi.csv", f"out/{p}_in_order.csv")
-    spec.write_text(text)
+    spec = _spec_writing(tmp_path, pair, "quoted-in-order", "_in_order.csv")
     reports = run_ok(spec, ["alice", "bob"])
     assert all(log_says(r, "plain keys go to SPU in key order") for r in reports)
     in_order = {p: read_result(tmp_path / f"out/{p}_in_order.csv") for p in ("alice", "bob")}
@@ -124,11 +130,7 @@ def test_quoted_file_plain_path_matches_canonical_path_and_pandas(tmp_path: Path
         ).read_bytes()
     _check_against_pandas(tmp_path, in_order)
 
-    spec = write_spec(tmp_path, pair, job_id="quoted-canonical")
-    text = spec.read_text()
-    for p in ("alice", "bob"):
-        text = text.replace(f"out/{p}_psi.csv", f"out/{p}_canonical.parquet")
-    spec.write_text(text)
+    spec = _spec_writing(tmp_path, pair, "quoted-canonical", "_canonical.parquet")
     reports = run_ok(spec, ["alice", "bob"])
     assert all(log_says(r, "plain=False") for r in reports)
 
