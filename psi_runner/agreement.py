@@ -37,6 +37,7 @@ import pyarrow as pa
 from broker import codes
 
 from . import notice
+from .arrowbits import string_parts
 from .broker_client import BROKER_GRACE_S, BrokerClient
 from .errors import PeerError, ResultsDisagree
 from .handshake import Agreement, control_channel
@@ -100,7 +101,7 @@ def keys_digest(columns: list[pa.Array | pa.ChunkedArray], key: bytes) -> str:
     h = hashlib.blake2b(key=key, digest_size=32)
     for column in columns:
         chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-        parts = [_string_parts(chunk) for chunk in chunks]
+        parts = [string_parts(chunk) for chunk in chunks]
         h.update(sum(len(c) for c in chunks).to_bytes(8, "little"))
         h.update(np.zeros(1, dtype=np.int64).tobytes())  # the first offset
         done = 0  # bytes of the values before this chunk
@@ -114,17 +115,6 @@ def keys_digest(columns: list[pa.Array | pa.ChunkedArray], key: bytes) -> str:
             if body is not None:
                 h.update(memoryview(body)[int(offsets[0]) : int(offsets[-1])])
     return h.hexdigest()
-
-
-def _string_parts(arr: pa.Array) -> tuple[np.ndarray, pa.Buffer | None]:
-    """A text array's offsets (its own slice of them, n + 1) and its data buffer, no copy."""
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        arr = arr.cast(pa.large_string())
-    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    n, buffers = len(arr), arr.buffers()
-    if buffers[1] is None or not n:  # an empty array may have no offsets at all
-        return np.zeros(1, dtype=width), None
-    return np.frombuffer(buffers[1], dtype=width)[arr.offset : arr.offset + n + 1], buffers[2]
 
 
 def check(spec: JobSpec, me: str, agreed: Agreement, mine: Summary) -> dict[str, object]:

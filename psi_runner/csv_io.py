@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 
 from . import distinct
+from .arrowbits import int64_array
 from .errors import OutputError, cut
 
 # Bytes Arrow parses at a time: a row must fit in one (rows are at most 1 MiB, the scan's
@@ -165,7 +166,7 @@ class CsvSource:
                 lo, hi = np.searchsorted(ordered, [start, start + n])
                 if hi > lo:
                     index = ordered[lo:hi] - start
-                    pieces.append(pa.Table.from_batches([batch.take(_int64(index))]))
+                    pieces.append(pa.Table.from_batches([batch.take(int64_array(index))]))
                 start += n
         self.unchanged()
         got = pa.concat_tables(pieces) if pieces else schema.empty_table()
@@ -176,7 +177,7 @@ class CsvSource:
         # got[j] is the row for order[j]: put every row back where ``rows`` asked for it.
         inverse = np.empty(len(rows), dtype=np.int64)
         inverse[order] = np.arange(len(rows), dtype=np.int64)
-        return got.take(_int64(inverse))
+        return got.take(int64_array(inverse))
 
     def unchanged(self) -> None:
         """OutputError when the file changed since the preflight read it."""
@@ -192,9 +193,3 @@ class CsvSource:
                 f"input {cut(str(self.path), 100)}: changed while the job ran, so the result "
                 "rows cannot be taken from it; no result was written, run the job again"
             )
-
-
-def _int64(values: np.ndarray) -> pa.Array:
-    """An int64 Arrow array over a numpy array (pa.array() on numpy would import pandas)."""
-    values = np.ascontiguousarray(values, dtype=np.int64)
-    return pa.Int64Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])

@@ -61,6 +61,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from . import csv_io, database, distinct, keycode, parquet_io, rawrows
+from .arrowbits import int64_array, string_parts
 from .dbspec import DbConfig
 from .errors import OutputError, PreflightError, cut, shown
 from .normalize import KeyPlan, Normalized, duplicate_rows, normalize_keys
@@ -751,9 +752,9 @@ def write_spu_input(
                 order = np.argsort(
                     _prefix_words(texts), kind="stable" if presort == "stable" else None
                 )
-                texts = texts.take(_int64_array(order))
+                texts = texts.take(int64_array(order))
                 positions = order + start
-            t = pa.table({KEY_COLUMN: texts, ROW_COLUMN: _int64_array(positions)})
+            t = pa.table({KEY_COLUMN: texts, ROW_COLUMN: int64_array(positions)})
             pcsv.write_csv(t, fh, options)
             start += n
     if inp.keys_in_file and start != inp.rows:  # unchanged() missed it (same size and time)
@@ -791,12 +792,6 @@ def _key_slices(inp: InputTable, keys: tuple[str, ...]) -> Iterator[pa.Table]:
     source.unchanged()
 
 
-def _int64_array(values: np.ndarray) -> pa.Array:
-    """An int64 Arrow array over numpy values (pa.array() on numpy would import pandas)."""
-    values = np.ascontiguousarray(values, dtype=np.int64)
-    return pa.Int64Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
-
-
 # _PREFIX_MASK[n]: the bits of a big-endian 8-byte word that hold a value's first n bytes
 _PREFIX_MASK = np.array(
     [0] + [((1 << (8 * n)) - 1) << (8 * (8 - n)) for n in range(1, 9)], dtype=np.uint64
@@ -809,11 +804,8 @@ def _prefix_words(arr: pa.Array) -> np.ndarray:
 
     One unaligned 8-byte load per value from a padded copy of the bytes (a numpy view with
     a stride of one byte), no loop over rows or bytes."""
-    n = len(arr)
-    width = 8 if pa.types.is_large_string(arr.type) else 4
-    offsets = np.frombuffer(arr.buffers()[1], dtype=f"<i{width}")[arr.offset : arr.offset + n + 1]
+    offsets, raw = string_parts(arr)
     first, last = int(offsets[0]), int(offsets[-1])
-    raw = arr.buffers()[2]
     padded = np.zeros(last - first + 8, dtype=np.uint8)
     if raw is not None and last > first:
         padded[: last - first] = np.frombuffer(raw, dtype=np.uint8)[first:last]

@@ -48,6 +48,7 @@ from . import (
     ub_run,
     unbalanced,
 )
+from .arrowbits import int64_array
 from .backends import BackendResult, backend_for
 from .backends import ub as ub_backend
 from .backends.calls import PsiCall
@@ -478,6 +479,7 @@ class JobRun:
         elif self._receives() and self._keys_decode(inp) and spec.join == "inner":
             as_text = agreement.SPU_TEXT in (agreed.peer_digest_forms or ())
             as_text = as_text and bool(agreement.digest_forms(self.party))
+            as_text = as_text or inp.keys_in_file  # plain keys: the texts are the values
             log.info("%s: the result check digests the keys %s", self.tag,
                      "as SPU compared them" if as_text else "decoded from SPU's texts")  # fmt: skip
             positions, values = data.read_result_rows_and_values(call.output_path, as_text)
@@ -494,11 +496,7 @@ class JobRun:
         if spec.join == "inner" and rows is not None:
             if keys is None:
                 assert positions is not None
-                # from_buffers: pa.array() on numpy would import pandas (half a second)
-                index = pa.Int64Array.from_buffers(
-                    pa.int64(), len(positions), [None, pa.py_buffer(positions)]
-                )
-                keys = inp.key_table(spec.keys).take(index)
+                keys = inp.key_table(spec.keys).take(int64_array(positions))
             key = agreement.digest_key(agreed.nonce, agreed.peer_nonce)
             digest = agreement.keys_digest([keys[k] for k in spec.keys], key)
         count = rows if spec.join == "inner" and rows is not None else spu_count
